@@ -1,0 +1,51 @@
+"""The ``latentgeo`` command line: a thin Typer layer over the Python API.
+
+Each subcommand lives in its own module and is registered in ``COMMANDS`` below. Command modules
+import heavy libraries (diffusers, matplotlib) inside their functions so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Annotated
+
+import typer
+
+from latentgeo import __version__
+from latentgeo.cli.common import guard
+
+app = typer.Typer(
+    name="latentgeo",
+    help="Geometry of diffusion-model latent seeds: interpolate, centroid, invert, reproject.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+#: (command name, module under latentgeo.cli, function name). Help text is the docstring.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("sample", "sample", "sample"),
+]
+
+for _name, _module, _func in COMMANDS:
+    _fn = getattr(importlib.import_module(f"latentgeo.cli.{_module}"), _func)
+    app.command(_name)(guard(_fn))
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"latentgeo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """Geometry of diffusion-model latent seeds: interpolate, centroid, invert, reproject."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,64 @@
+"""``latentgeo sample``: reproducible standard-Gaussian seeds."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from latentgeo.cli.common import Force, Json, Output, Seed, print_json, print_table
+from latentgeo.errors import InputError
+from latentgeo.presets import LATENT_SHAPES
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise InputError(f"--shape {text!r}: expected comma-separated integers, e.g. 4,64,64") \
+            from None
+    if not shape or any(s <= 0 for s in shape):
+        raise InputError(f"--shape {text!r}: dimensions must be positive integers")
+    return shape
+
+
+def sample(
+    output: Output,
+    shape: Annotated[str | None, typer.Option("--shape", help="Latent shape, e.g. 4,64,64.")]
+    = None,
+    like: Annotated[str | None, typer.Option(
+        "--like", help=f"Shape preset: {', '.join(LATENT_SHAPES)}.")] = None,
+    n: Annotated[int, typer.Option("-n", "--num", min=1, help="Number of seeds.")] = 1,
+    seed: Seed = 0,
+    safetensors: Annotated[bool, typer.Option(
+        "--safetensors", help="Write .safetensors files into an output directory.")] = False,
+    force: Force = False,
+    json: Json = False,
+) -> None:
+    """Draw reproducible N(0, I) seeds and write them to a file or a directory."""
+    from latentgeo.io import output_is_dir, save_latent, save_latent_set
+    from latentgeo.sampling import sample_seeds
+
+    if (shape is None) == (like is None):
+        raise InputError("give exactly one of --shape or --like")
+    if like is not None and like not in LATENT_SHAPES:
+        raise InputError(f"--like {like!r}: unknown preset (choose from "
+                         f"{', '.join(LATENT_SHAPES)})")
+    dims = LATENT_SHAPES[like] if like is not None else parse_shape(shape)
+    z = sample_seeds(n, dims, seed=seed)
+    meta = {"method": "sample", "seed": str(seed), "shape": ",".join(map(str, dims))}
+    if output_is_dir(output):
+        names = [f"seed{seed}_{i:03d}" for i in range(n)]
+        written = save_latent_set(output, z, names, metadata=meta, force=force,
+                                  suffix=".safetensors" if safetensors else ".pt")
+    else:
+        written = [save_latent(output, z[0] if n == 1 else z, meta, force=force)]
+    norms = z.flatten(1).norm(dim=1)
+    if json:
+        print_json({"shape": list(dims), "n": n, "seed": seed, "files": [str(p) for p in written],
+                    "norms": norms.tolist()})
+    else:
+        labels = ([str(p) for p in written] if len(written) == n
+                  else [f"{written[0]}[{i}]" for i in range(n)])
+        print_table(f"{n} seed(s) of shape {'x'.join(map(str, dims))}", ["latent", "norm"],
+                    list(zip(labels, norms.tolist())))
