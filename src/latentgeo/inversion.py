@@ -1,0 +1,310 @@
+"""DDIM inversion: the seed x_T that ``latentgeo.ddim.ddim_sample`` maps back to a given x_0.
+
+One deterministic DDIM step (Song et al. 2021, Eq. 12 with sigma = 0) from noise level a_t down
+to a_s reads, with e = eps(x_t, t),
+
+    x_s = f(x_t, e) = sqrt(a_s / a_t) (x_t - sqrt(1 - a_t) e) + sqrt(1 - a_s) e.
+
+It is affine in x_t for a fixed e, so for a known x_s the exact inverse step is the solution of
+
+    x_t = g(x_s, eps(x_t, t)),
+    g(x_s, e) = sqrt(a_t / a_s) (x_s - sqrt(1 - a_s) e) + sqrt(1 - a_t) e,
+
+an implicit equation because the network must be evaluated at the *unknown* noisier point.
+
+* **Plain DDIM inversion** (Dhariwal & Nichol 2021, App. F; Song et al. 2021, Eq. 13) replaces
+  eps(x_t, t) by eps(x_s, t): one network call per step, but each step is off by
+  c (eps(x_t) - eps(x_s)), and the round trip drifts.
+* **Fixed-point inversion** (Pan et al. 2023, "Effective real image editing with accelerated
+  iterative diffusion inversion", Eq. 6; Garibi et al. 2024, ReNoise) starts from the plain
+  estimate and iterates x_t <- g(x_s, eps(x_t, t)). At convergence the forward step
+  f(x_t, eps(x_t, t)) reproduces x_s exactly, so the sampler maps the seed back to x_0.
+
+The forward residual of an iterate costs no extra network call: for x = g(x_s, e_prev),
+
+    f(x, eps(x)) - x_s = (sqrt(1 - a_s) - sqrt(a_s / a_t) sqrt(1 - a_t)) (eps(x) - e_prev),
+
+which is known as soon as eps(x) is evaluated for the next iteration. Iterations stop per sample
+once its RMS residual is <= ``tol``; converged samples leave the batch, so they cost no further
+network calls.
+
+``invert_images`` wraps the core for a model backend (``latentgeo.backend.Backend``, used only
+through its methods: ``encode``, ``decode``, ``timesteps``, ``noise_fn``); this module imports
+no diffusers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from latentgeo.ddim import NoiseFn, ddim_alphas, ddim_sample
+from latentgeo.errors import InputError, ShapeError
+
+#: Default fixed-point tolerance on the per-sample RMS forward residual, keyed by dtype.
+TOL: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+@dataclass
+class InversionInfo:
+    """Diagnostics of one ``ddim_invert`` call (B samples, S steps, in inversion order).
+
+    nfe:       int64 (B,), network evaluations spent on each sample.
+    calls:     number of ``eps_fn`` calls (each on the still-active rows of the batch).
+    residual:  float64 (S, B), RMS forward residual |f(x_t, eps(x_t)) - x_s| / sqrt(D) of the
+               last *measured* iterate of each step (NaN where none was measured, i.e. for plain
+               inversion); the returned iterate is at least one fixed-point update newer.
+    iters:     int64 (S, B), fixed-point iterations (extra network calls) used per step.
+    converged: bool (S, B), the step's residual reached ``tol``.
+    """
+
+    nfe: torch.Tensor
+    calls: int
+    residual: torch.Tensor
+    iters: torch.Tensor
+    converged: torch.Tensor
+    tol: float = field(default=0.0)
+
+    @property
+    def max_residual(self) -> torch.Tensor:
+        """float64 (B,): worst measured step residual per sample (NaN-free where measured)."""
+        r = torch.nan_to_num(self.residual, nan=0.0)
+        return r.max(dim=0).values
+
+
+def inverse_step(x_s: torch.Tensor, eps: torch.Tensor, a_s: float, a_t: float) -> torch.Tensor:
+    """g(x_s, e): the x_t for which the DDIM step a_t -> a_s with noise ``eps`` lands on x_s.
+
+    Shapes as ``x_s``; the algebraic inverse of ``ddim_step`` for a fixed ``eps``
+    (Song et al. 2021, Eq. 12 solved for x_t).
+    """
+    return (a_t / a_s) ** 0.5 * (x_s - (1.0 - a_s) ** 0.5 * eps) + (1.0 - a_t) ** 0.5 * eps
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().flatten(1).to(torch.float64).pow(2).mean(dim=1).sqrt()
+
+
+@torch.no_grad()
+def ddim_invert(eps_fn: NoiseFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
+                timesteps: Sequence[int], final_alpha_cumprod: float,
+                fixed_point_iters: int = 3, tol: float | None = None,
+                callback: Callable[[int, torch.Tensor], None] | None = None,
+                return_info: bool = False) -> torch.Tensor | tuple[torch.Tensor, InversionInfo]:
+    """Invert ``ddim_sample`` on the same grid: the seed x_T with ddim_sample(x_T) = x0.
+
+    Args:
+        eps_fn: eps_fn(x_t (b, *shape), t int) -> eps (b, *shape); called on subsets of the
+            batch (rows are independent), so it must not depend on the batch composition.
+        x0: (B, *shape) float32 or float64, the clean latents (noise level final_alpha_cumprod).
+        alphas_cumprod, timesteps, final_alpha_cumprod: exactly what ``ddim_sample`` gets;
+            ``timesteps`` descending.
+        fixed_point_iters: extra network calls per step refining x_t <- g(x_s, eps(x_t, t))
+            (Pan et al. 2023, Eq. 6); 0 is plain DDIM inversion (eps evaluated at x_s).
+        tol: per-sample RMS forward residual at which refinement stops
+            (default ``TOL[dtype]``).
+        callback: ``callback(i, x)`` after each inverse step i = 0..S-1 (x: (B, *shape)).
+        return_info: also return an ``InversionInfo``.
+
+    Returns:
+        seeds (B, *shape) in x0's dtype, or ``(seeds, info)``. Deterministic.
+    """
+    if fixed_point_iters < 0:
+        raise InputError(f"fixed_point_iters must be >= 0, got {fixed_point_iters}")
+    if x0.ndim < 2:
+        raise ShapeError(f"x0 must be batched (B, ...), got shape {tuple(x0.shape)}")
+    if not torch.is_floating_point(x0):
+        raise InputError(f"x0 has dtype {x0.dtype}, expected float32 or float64")
+    tol = TOL.get(x0.dtype, TOL[torch.float32]) if tol is None else float(tol)
+    steps = list(reversed(ddim_alphas(alphas_cumprod, timesteps, final_alpha_cumprod)))
+    b, n_steps = x0.shape[0], len(steps)
+    nfe = torch.zeros(b, dtype=torch.int64)
+    residual = torch.full((n_steps, b), float("nan"), dtype=torch.float64)
+    iters = torch.zeros((n_steps, b), dtype=torch.int64)
+    converged = torch.zeros((n_steps, b), dtype=torch.bool)
+    calls = 0
+
+    def eps_at(x: torch.Tensor, t: int, rows: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        nfe[rows.cpu()] += 1
+        e = eps_fn(x, t)
+        if e.shape != x.shape:
+            raise ShapeError(f"eps_fn returned shape {tuple(e.shape)} for input "
+                             f"{tuple(x.shape)}")
+        return e.to(x.dtype)
+
+    x = x0
+    all_rows = torch.arange(b, device=x0.device)
+    for i, (t, a_t, a_s) in enumerate(steps):
+        x_s = x
+        # 1. Plain DDIM inversion: noise predicted at the known, less noisy point x_s.
+        e = eps_at(x_s, t, all_rows)
+        x = inverse_step(x_s, e, a_s, a_t)
+        # 2. Fixed-point refinement on the rows whose forward residual is still above tol.
+        c = (1.0 - a_s) ** 0.5 - (a_s / a_t) ** 0.5 * (1.0 - a_t) ** 0.5
+        rows = all_rows
+        for k in range(fixed_point_iters):
+            if rows.numel() == 0:
+                break
+            e_new = eps_at(x[rows], t, rows)
+            r = _rms(c * (e_new - e[rows]))  # forward residual of the current iterate
+            residual[i, rows.cpu()] = r.cpu()
+            iters[i, rows.cpu()] = k + 1
+            done = r <= tol
+            converged[i, rows[done].cpu()] = True
+            keep = ~done.to(rows.device)
+            rows, e_new = rows[keep], e_new[keep]
+            if rows.numel() == 0:
+                break
+            x = x.clone()
+            e = e.clone()
+            x[rows] = inverse_step(x_s[rows], e_new, a_s, a_t)
+            e[rows] = e_new
+        if callback is not None:
+            callback(i, x)
+    if not return_info:
+        return x
+    return x, InversionInfo(nfe=nfe, calls=calls, residual=residual, iters=iters,
+                            converged=converged, tol=tol)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per-image PSNR = 10 log10(range^2 / MSE) in dB; a, b (B, ...) -> float64 (B,).
+
+    Identical images give +inf.
+    """
+    mse = (a.detach().to(torch.float64) - b.detach().to(torch.float64)).flatten(1).pow(2).mean(1)
+    return 10.0 * torch.log10(data_range ** 2 / mse)
+
+
+def latent_rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample RMS difference sqrt(mean((a - b)^2)); a, b (B, ...) -> float64 (B,)."""
+    return _rms(a.to(torch.float64) - b.to(torch.float64))
+
+
+def _group_conditions(condition: Any, n: int) -> list[tuple[Any, list[int]]]:
+    """Split a per-image condition list into (condition, row indices) groups."""
+    if not isinstance(condition, (list, tuple)):
+        return [(condition, list(range(n)))]
+    if len(condition) != n:
+        raise ShapeError(f"{len(condition)} conditions for {n} images")
+    groups: dict[Any, list[int]] = {}
+    for i, c in enumerate(condition):
+        groups.setdefault(c, []).append(i)
+    return list(groups.items())
+
+
+@dataclass
+class ImageInversion:
+    """Result of ``invert_images`` for B images.
+
+    seeds:   float32 (B, *latent_shape).
+    x0:      float32 (B, *latent_shape), the encoded images the seeds were inverted from.
+    nfe:     int64 (B,) network evaluations per image (CFG's batched pair counts as one).
+    max_residual: float64 (B,) worst measured fixed-point step residual (0 for plain).
+    steps, guidance, fixed_point_iters: the settings used.
+    """
+
+    seeds: torch.Tensor
+    x0: torch.Tensor
+    nfe: torch.Tensor
+    max_residual: torch.Tensor
+    steps: int
+    guidance: float
+    fixed_point_iters: int
+
+
+def invert_images(backend: Any, images: torch.Tensor, condition: Any = None,
+                  steps: int | None = None, guidance: float = 1.0, fixed_point_iters: int = 3,
+                  tol: float | None = None, batch_size: int = 16,
+                  callback: Callable[..., None] | None = None) -> ImageInversion:
+    """Images -> seeds for a model backend: x0 = backend.encode(images), then ``ddim_invert``
+    on ``backend.timesteps(steps)`` with ``backend.noise_fn(condition, guidance)``.
+
+    images: (B, image_channels, H, W) float in [0, 1] at the backend's image size.
+    condition: None (bundled: null class; SD: empty prompt), one class/prompt, or one per image.
+    guidance: 1.0 by default (no classifier-free guidance: the sampler is then invertible
+        without amplifying errors). ``callback(advance=1)`` is called once per inverse step and
+        batch chunk. Latents and seeds are float32.
+    """
+    if images.ndim != 4:
+        raise ShapeError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    steps = int(steps if steps is not None else backend.default_steps)
+    timesteps, alphas_cumprod, final_alpha = backend.timesteps(steps)
+    n = images.shape[0]
+    seeds = torch.empty((n, *backend.latent_shape), dtype=torch.float32)
+    x0_all = torch.empty_like(seeds)
+    nfe = torch.zeros(n, dtype=torch.int64)
+    max_res = torch.zeros(n, dtype=torch.float64)
+    step_cb = None if callback is None else (lambda i, x: callback(advance=1))
+    for cond, rows in _group_conditions(condition, n):
+        eps_fn = backend.noise_fn(cond, guidance)
+        for start in range(0, len(rows), batch_size):
+            idx = torch.tensor(rows[start:start + batch_size], dtype=torch.int64)
+            x0 = backend.encode(images[idx]).to("cpu", torch.float32)
+            device = getattr(backend, "device", torch.device("cpu"))
+            z, info = ddim_invert(eps_fn, x0.to(device), alphas_cumprod, timesteps, final_alpha,
+                                  fixed_point_iters=fixed_point_iters, tol=tol,
+                                  callback=step_cb, return_info=True)
+            seeds[idx] = z.to("cpu", torch.float32)
+            x0_all[idx] = x0
+            nfe[idx] = info.nfe
+            max_res[idx] = info.max_residual
+    return ImageInversion(seeds=seeds, x0=x0_all, nfe=nfe, max_residual=max_res, steps=steps,
+                          guidance=float(guidance), fixed_point_iters=fixed_point_iters)
+
+
+@dataclass
+class RoundTrip:
+    """``check_roundtrip`` result: float64 (B,) latent RMSE and pixel PSNR (dB), plus renders."""
+
+    latent_rmse: torch.Tensor
+    psnr: torch.Tensor
+    images: torch.Tensor
+
+
+def check_roundtrip(backend: Any, seeds: torch.Tensor, x0: torch.Tensor, images: torch.Tensor,
+                    condition: Any = None, steps: int | None = None, guidance: float = 1.0,
+                    batch_size: int = 16,
+                    callback: Callable[..., None] | None = None) -> RoundTrip:
+    """Render seeds back with the same DDIM sampler and compare.
+
+    Latent error: RMS(ddim_sample(seeds) - x0) per image. Pixel PSNR: between
+    backend.decode(ddim_sample(seeds)) and the input images in [0, 1]; for latent models the VAE
+    caps it (compare with PSNR(decode(x0), images)).
+    """
+    steps = int(steps if steps is not None else backend.default_steps)
+    timesteps, alphas_cumprod, final_alpha = backend.timesteps(steps)
+    n = seeds.shape[0]
+    x_hat = torch.empty((n, *x0.shape[1:]), dtype=torch.float32)
+    out = torch.empty((n, *images.shape[1:]), dtype=torch.float32)
+    step_cb = None if callback is None else (lambda i, x: callback(advance=1))
+    device = getattr(backend, "device", torch.device("cpu"))
+    for cond, rows in _group_conditions(condition, n):
+        eps_fn = backend.noise_fn(cond, guidance)
+        for start in range(0, len(rows), batch_size):
+            idx = torch.tensor(rows[start:start + batch_size], dtype=torch.int64)
+            xs = ddim_sample(eps_fn, seeds[idx].to(device, torch.float32), alphas_cumprod,
+                             timesteps, final_alpha, callback=step_cb)
+            x_hat[idx] = xs.to("cpu", torch.float32)
+            out[idx] = backend.decode(xs).to("cpu", torch.float32)
+    return RoundTrip(latent_rmse=latent_rmse(x_hat, x0), psnr=psnr(out, images.float()),
+                     images=out)
+
+
+def chi_zscore(seeds: torch.Tensor) -> torch.Tensor:
+    """(|z| - E|z|) / sd|z| per seed for z ~ N(0, I_d): d = numel per row; float64 (B,).
+
+    Chi(d) mean sqrt(2) Gamma((d+1)/2) / Gamma(d/2) (via lgamma), variance d - mean^2.
+    """
+    d = seeds[0].numel()
+    mean = math.sqrt(2.0) * math.exp(math.lgamma((d + 1) / 2) - math.lgamma(d / 2))
+    sd = math.sqrt(max(d - mean * mean, 1e-300))
+    return (seeds.detach().flatten(1).to(torch.float64).norm(dim=1) - mean) / sd
