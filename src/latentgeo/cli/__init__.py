@@ -26,6 +26,7 @@ app = typer.Typer(
 #: (command name, module under latentgeo.cli, function name). Help text is the docstring.
 COMMANDS: list[tuple[str, str, str]] = [
     ("sample", "sample", "sample"),
+    ("render", "render", "render"),
 ]
 
 for _name, _module, _func in COMMANDS:

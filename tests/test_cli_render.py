@@ -1,0 +1,93 @@
+"""``latentgeo render`` end to end with a tiny bundled-format model (--model PATH)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentgeo.io import save_latent
+from tests.conftest import assert_one_line_error
+from tests.tiny_sd import TINY_PIXEL_LATENT, tiny_pixel_path
+
+
+@pytest.fixture(scope="module")
+def model() -> str:
+    return str(tiny_pixel_path())
+
+
+@pytest.fixture
+def seeds_dir(tmp_path, cli):
+    cli("sample", "--shape", ",".join(map(str, TINY_PIXEL_LATENT)), "-n", "3", "--seed", "1",
+        "-o", f"{tmp_path / 'seeds'}/")
+    return tmp_path / "seeds"
+
+
+def test_render_writes_one_png_per_seed_and_a_grid(cli, tmp_path, seeds_dir, model):
+    out = tmp_path / "out"
+    r = cli("render", seeds_dir, "-o", out, "--model", model, "--class", "3", "--steps", "3",
+            "--grid")
+    names = sorted(p.stem for p in seeds_dir.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.png" for n in names]
+                                                           + ["grid.png"])
+    with Image.open(out / f"{names[0]}.png") as im:
+        assert im.mode == "L" and im.size == (16, 16)
+    assert names[0] in r.stdout
+    first = (out / f"{names[0]}.png").read_bytes()
+    # Existing outputs are refused (nothing rewritten) unless --force; re-render is identical.
+    r = cli("render", seeds_dir, "-o", out, "--model", model, "--class", "3", "--steps", "3",
+            expect=2)
+    assert_one_line_error(r, "exists", "--force")
+    cli("render", seeds_dir, "-o", out, "--model", model, "--class", "3", "--steps", "3",
+        "--force")
+    assert (out / f"{names[0]}.png").read_bytes() == first
+
+
+def test_render_batch_file_and_json(cli, tmp_path, model):
+    z = torch.randn((2, *TINY_PIXEL_LATENT), generator=torch.Generator().manual_seed(0))
+    save_latent(tmp_path / "pair.safetensors", z)
+    r = cli("render", tmp_path / "pair.safetensors", "-o", tmp_path / "out", "--model", model,
+            "--steps", "2", "--guidance", "1", "--json")
+    info = json.loads(r.stdout)
+    assert info["seeds"] == ["pair_000", "pair_001"] and info["steps"] == 2
+    assert info["guidance"] == 1.0 and info["condition"] is None
+    img = np.asarray(Image.open(info["images"][1]))
+    assert img.shape == (16, 16) and img.dtype == np.uint8
+
+
+def test_wrong_shape_names_both_shapes(cli, tmp_path, model):
+    save_latent(tmp_path / "sd.pt", torch.randn(4, 8, 8))
+    r = cli("render", tmp_path / "sd.pt", "-o", tmp_path / "out", "--model", model, expect=2)
+    assert_one_line_error(r, "(4, 8, 8)", "(1, 16, 16)")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--model", "no-such-org/no-such-model-xyz"], ["no-such-org/no-such-model-xyz",
+                                                     "never downloads"]),
+    (["--prompt", "a cat"], ["--prompt"]),
+    (["--class", "12"], ["--class 12"]),
+    (["--class", "1", "--prompt", "x"], ["not both"]),
+    (["--dtype", "int8"], ["int8"]),
+])
+def test_one_line_errors(cli, tmp_path, seeds_dir, model, args, fragments):
+    full = ["render", seeds_dir, "-o", tmp_path / "out", "--model", model, *args]
+    r = cli(*full, expect=2)
+    assert_one_line_error(r, *fragments)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_unavailable(cli, tmp_path, seeds_dir, model):
+    r = cli("render", seeds_dir, "-o", tmp_path / "o", "--model", model, "--device", "cuda",
+            expect=2)
+    assert_one_line_error(r, "CUDA is not available")
+
+
+def test_help_lists_options(cli):
+    r = cli("render", "--help")
+    for opt in ("--model", "--prompt", "--class", "--steps", "--guidance", "--device", "--dtype",
+                "--grid", "--json"):
+        assert opt in r.stdout
