@@ -91,3 +91,23 @@ def test_help_lists_options(cli):
     for opt in ("--model", "--prompt", "--class", "--steps", "--guidance", "--device", "--dtype",
                 "--grid", "--json"):
         assert opt in r.stdout
+
+
+def test_demo_renders_every_method(cli, tmp_path, model, monkeypatch):
+    from latentgeo.cli import demo as demo_module
+    from latentgeo.interpolation import INTERPOLATORS
+
+    monkeypatch.setattr(demo_module, "REFERENCE_ITERS", 10)
+    out = tmp_path / "demo"
+    r = cli("demo", "-o", out, "--model", model, "--steps", "2", "--points", "3", "--inputs",
+            "2", "--json")
+    info = json.loads(r.stdout)
+    assert [row["method"] for row in info["interpolation"]] == list(INTERPOLATORS)
+    for name in INTERPOLATORS:
+        assert (out / f"interpolation-{name}.gif").exists()
+    with Image.open(out / "interpolation.png") as im:
+        # rows = methods; 3 points of 16 px upscaled x8, 2 px padding, plus a label margin.
+        assert im.size[1] == len(INTERPOLATORS) * (128 + 2) + 2
+    assert (out / "centroids.png").exists()
+    r = cli("demo", "-o", out, "--model", model, expect=2)
+    assert_one_line_error(r, "exists", "--force")

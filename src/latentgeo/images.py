@@ -9,8 +9,9 @@ Conversion rule of :func:`load_image` (what a model of ``size`` x ``channels`` r
 1. Decode with Pillow; anything it cannot decode fully (not an image, truncated, corrupt) is an
    :class:`~latentgeo.errors.InputError` naming the file. Images smaller than ``min_side``
    pixels on a side are refused (default 8: scikit-learn's 8x8 digits are the smallest we use).
-2. 16-bit (``I;16``, ``I``) and float (``F``) greyscale are scaled by their type's full range
-   (65535 resp. 1.0), not clipped at 255. Palette images are expanded.
+2. 16-bit greyscale (``I;16``) is scaled by 65535 (full precision, not clipped at 255);
+   32-bit ``I`` by 65535 when its maximum exceeds 255, else by 255; float ``F`` is taken as
+   [0, 1]. Palette images are expanded.
 3. Transparency (RGBA, LA, palette with transparency) is composited onto a flat background:
    **black for 1-channel models** (MNIST digits are white on black, so a digit drawn on a
    transparent canvas lands on the background the model knows), **white for 3-channel models**
@@ -202,6 +203,28 @@ def upscale(img: torch.Tensor, factor: int) -> torch.Tensor:
     if factor <= 1:
         return img
     return img.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+
+def label_rows(grid: torch.Tensor, labels: Sequence[str], cell_height: int, padding: int = 2,
+               width: int | None = None) -> torch.Tensor:
+    """Prepend a left margin with one text label per grid row (Pillow's built-in font, white
+    on the grid's border colour). grid (C, H, W) -> (C, H, margin + W); row i is centred on
+    padding + i (cell_height + padding) + cell_height / 2."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=max(10, min(16, cell_height // 4)))
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        font = ImageFont.load_default()
+    c, h, _ = grid.shape
+    margin = width or (max(int(font.getlength(t)) for t in labels) + 8 if labels else 0)
+    canvas = Image.new("L", (margin, h), color=round(float(grid[0, 0, 0]) * 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(labels):
+        y = padding + i * (cell_height + padding) + cell_height // 2
+        draw.text((4, y), text, fill=255, font=font, anchor="lm")
+    side = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)[None].expand(c, h, -1)
+    return torch.cat([side, grid], dim=2)
 
 
 # -- writing --------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ app = typer.Typer(
 COMMANDS: list[tuple[str, str, str]] = [
     ("sample", "sample", "sample"),
     ("render", "render", "render"),
+    ("demo", "demo", "demo"),
 ]
 
 for _name, _module, _func in COMMANDS:

@@ -1,0 +1,163 @@
+"""``latentgeo demo``: the whole idea in one folder of pictures, in under a minute on a CPU."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from latentgeo.cli.common import Device, Dtype, Force, Json, Model, Seed, print_json, print_table
+from latentgeo.errors import InputError
+
+#: Iteration cap for the paper's optimiser in the demo (its default is 10,000).
+REFERENCE_ITERS = 300
+
+
+def _call_limited(fn: Any, *args: Any) -> Any:
+    """Call an interpolator/centroid, capping an iterative optimiser's iterations."""
+    params = inspect.signature(fn).parameters
+    for key in ("max_iters", "max_iter", "iters", "n_iters", "steps"):
+        if key in params:
+            return fn(*args, **{key: REFERENCE_ITERS})
+    return fn(*args)
+
+
+def _optional(module: str, attr: str) -> dict[str, Any]:
+    import importlib
+
+    try:
+        return dict(getattr(importlib.import_module(module), attr))
+    except (ImportError, AttributeError):
+        return {}
+
+
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")]
+    = Path("demo-output"),
+    model: Model = "bundled",
+    seed: Seed = 0,
+    points: Annotated[int, typer.Option("--points", min=3, max=16,
+                                        help="Points per interpolation path.")] = 7,
+    inputs: Annotated[int, typer.Option("--inputs", min=2, max=16,
+                                        help="Seeds averaged by each centroid method.")] = 4,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="DDIM steps "
+                                              "(default: the model's).")] = None,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    force: Force = False,
+    json: Json = False,
+) -> None:
+    """Sample two seeds, interpolate them with every method, take the centroid of a few seeds
+    with every method, render everything with the bundled model and write comparison grids.
+
+    Writes interpolation.png (one row per method, a -> b), interpolation-<method>.gif,
+    centroids.png (the inputs, then one centroid per method) and samples/*.png.
+    """
+    import torch
+
+    from latentgeo import chi
+    from latentgeo.backend import load_model
+    from latentgeo.cli.rendering import check_targets, render_images, view_scale
+    from latentgeo.images import label_rows, make_grid, save_gif, save_image, upscale
+    from latentgeo.sampling import sample_seeds
+
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    interpolators = _optional("latentgeo.interpolation", "INTERPOLATORS")
+    centroids = _optional("latentgeo.centroids", "CENTROIDS")
+    targets = [out / "interpolation.png", out / "centroids.png"]
+    targets += [out / f"interpolation-{m}.gif" for m in interpolators]
+    check_targets(targets, force)
+
+    backend = load_model(model, device, dtype)
+    shape = backend.latent_shape
+    d = int(torch.Size(shape).numel())
+    mode = chi.mode(d)
+    ends = sample_seeds(2, shape, seed=seed)
+    a, b = ends[0], ends[1]
+    t = torch.linspace(0.0, 1.0, points, dtype=torch.float32)
+    try:
+        from latentgeo.metric import NAOMetric
+
+        metric = NAOMetric(d)
+    except ImportError:
+        metric = None
+
+    rows: list[dict[str, Any]] = []
+    paths: dict[str, torch.Tensor] = {}
+    for name, fn in interpolators.items():
+        start = time.perf_counter()
+        path = _call_limited(fn, a, b, t) if name == "nao-reference" else fn(a, b, t)
+        ms = 1e3 * (time.perf_counter() - start)
+        path = path.detach().to(torch.float32).reshape(points, *shape)
+        paths[name] = path
+        norms = path.flatten(1).norm(dim=1)
+        rows.append({"method": name, "ms": ms, "min_norm_over_mode": float(norms.min() / mode),
+                     "mid_norm_over_mode": float(norms[points // 2] / mode),
+                     "nao_length": float(metric.length(path)) if metric is not None else None})
+
+    xs = sample_seeds(inputs, shape, seed=seed + 1)
+    cents: dict[str, torch.Tensor] = {}
+    crows: list[dict[str, Any]] = []
+    for name, fn in centroids.items():
+        start = time.perf_counter()
+        c = fn(xs)
+        ms = 1e3 * (time.perf_counter() - start)
+        cents[name] = c.detach().to(torch.float32).reshape(shape)
+        crows.append({"method": name, "ms": ms,
+                      "norm_over_mode": float(cents[name].norm() / mode)})
+
+    # One batched render: the two endpoints, every interior path point, inputs, centroids.
+    interior = [p[1:-1] for p in paths.values()]
+    batch = torch.cat([ends, *interior, xs, *(c[None] for c in cents.values())])
+    images = render_images(backend, batch, None, steps, None, batch_size=32, quiet=json)
+    img_a, img_b = images[0], images[1]
+    k = view_scale(backend)
+    cell = backend.image_size[0] * k
+    written: list[Path] = []
+    pos = 2
+    strips = []
+    for name in paths:
+        inner = images[pos:pos + points - 2]
+        pos += points - 2
+        strip = torch.cat([img_a[None], inner, img_b[None]])
+        strips.append(strip)
+        written.append(save_gif(out / f"interpolation-{name}.gif", upscale(strip, k),
+                                force=force))
+    if strips:
+        grid = make_grid(upscale(torch.cat(strips), k), nrow=points)
+        written.append(save_image(out / "interpolation.png",
+                                  label_rows(grid, list(paths), cell), force=force))
+    input_imgs = images[pos:pos + inputs]
+    pos += inputs
+    cent_imgs = images[pos:]
+    blank = torch.full_like(input_imgs[0], 0.5)
+    ncol = max(inputs, len(cents))
+    cells = list(input_imgs) + [blank] * (ncol - inputs)
+    cells += list(cent_imgs) + [blank] * (ncol - len(cents)) if len(cents) else []
+    labels = ["inputs"] + (["centroids: " + ", ".join(cents)] if cents else [])
+    grid = make_grid(upscale(torch.stack(cells), k), nrow=ncol)
+    written.append(save_image(out / "centroids.png", label_rows(grid, labels, cell),
+                              force=force))
+
+    if json:
+        print_json({"model": backend.name, "latent_shape": list(shape), "chi_mode": mode,
+                    "interpolation": rows, "centroids": crows,
+                    "files": [str(p) for p in written]})
+        return
+    if not interpolators:
+        print("latentgeo.interpolation is not available: no interpolation rows")
+    print_table(f"interpolation of 2 seeds (d = {d}, chi mode {mode:.2f}), {points} points",
+                ["method", "ms", "min |x| / mode", "mid |x| / mode", "NAO length"],
+                [[r["method"], r["ms"], r["min_norm_over_mode"], r["mid_norm_over_mode"],
+                  "-" if r["nao_length"] is None else r["nao_length"]] for r in rows])
+    if crows:
+        print_table(f"centroid of {inputs} seeds", ["method", "ms", "|c| / mode"],
+                    [[r["method"], r["ms"], r["norm_over_mode"]] for r in crows])
+    print(f"wrote {len(written)} files to {out}/ (interpolation.png: rows = "
+          f"{', '.join(paths) or 'none'}; centroids.png: inputs, then "
+          f"{', '.join(cents) or 'none'})")
