@@ -28,6 +28,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("sample", "sample", "sample"),
     ("render", "render", "render"),
     ("demo", "demo", "demo"),
+    ("interpolate", "interpolate", "interpolate"),
+    ("centroid", "centroid", "centroid"),
 ]
 
 for _name, _module, _func in COMMANDS:
