@@ -262,11 +262,13 @@ def _compute(z: np.ndarray) -> dict:
     out["norm_p"] = np.minimum(2 * np.minimum(lo, hi), 1.0)
     out["norm_test"] = (out["norm"], out["norm_p"], f"chi({d})")
 
-    # 2. raw moments 1..8 (reported).
-    powers = [flat]
+    # 2. raw moments 1..8 (reported), one running power at a time.
+    power = flat.copy()
+    moments = [power.mean(1)]
     for _ in MOMENT_ORDERS[1:]:
-        powers.append(powers[-1] * flat)
-    out["moments"] = np.stack([p.mean(1) for p in powers], 1)
+        power *= flat
+        moments.append(power.mean(1))
+    out["moments"] = np.stack(moments, 1)
 
     # 3. channels: mean and spread per channel, exact chi2(2C).
     xc = z.reshape(b, c, n)
@@ -297,8 +299,8 @@ def _compute(z: np.ndarray) -> dict:
     out["marginal"] = (ks_m, _ks_pvalue(ks_m, d), f"KS(n={d})")
 
     # 6. moments: He_3, He_4 (skew-corrected), chi2(2).
-    he3 = (powers[2] - 3 * flat).mean(1)
-    he4 = (powers[3] - 6 * powers[1] + 3).mean(1)
+    he3 = moments[2] - 3 * moments[0]
+    he4 = moments[3] - 6 * moments[1] + 3
     z3 = he3 * math.sqrt(d / 6)
     z4 = _pearson3_z(he4 * math.sqrt(d / 24), 1728 / 24 ** 1.5 / math.sqrt(d))
     t_mom = z3 ** 2 + z4 ** 2
@@ -340,6 +342,17 @@ def _bands(h: int, w: int) -> torch.Tensor:
     return band
 
 
+#: Latents per vectorised chunk (bounds the temporary memory of a large batch).
+_CHUNK = 64
+
+
+def _concat(parts: list):
+    if isinstance(parts[0], tuple):
+        return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                parts[0][2])
+    return np.concatenate(parts)
+
+
 _TESTS = ("norm_test", "channels", "correlation", "marginal", "moments_test", "spectral", "bands")
 
 
@@ -359,7 +372,8 @@ def gaussianity_stats_batch(z: torch.Tensor, alpha: float = DEFAULT_ALPHA
         x.reshape(x.shape[0], -1, x.shape[-2], x.shape[-1])
     bsz, c, h, w = x.shape
     d = c * h * w
-    res = _compute(x)
+    chunks = [_compute(x[i:i + _CHUNK]) for i in range(0, bsz, _CHUNK)]
+    res = {k: _concat([ch[k] for ch in chunks]) for k in chunks[0]}
     mu = [GAUSSIAN_MOMENTS[k] for k in MOMENT_ORDERS]
     se = [math.sqrt((GAUSSIAN_MOMENTS[2 * k] - GAUSSIAN_MOMENTS[k] ** 2) / d)
           for k in MOMENT_ORDERS]

@@ -86,13 +86,17 @@ def _shuffled_view(x: torch.Tensor, generator: torch.Generator, block: int) -> t
     return _spectral_l1(v[perm].reshape(1, 1, -1), block)
 
 
-def _spectral_l1(x: torch.Tensor, block: int) -> torch.Tensor:
+def _spectral_l1(x: torch.Tensor, block: int, second_moment: bool = True) -> torch.Tensor:
     h, w = x.shape[-2:]
     _, is_real, _ = spectral_layout(h, w)
     e = eps(x.dtype)
-    mag = (normalized_power(x) + e * e).sqrt()  # (C, n_bins)
+    power = normalized_power(x)  # (C, n_bins)
+    mag = (power + e * e).sqrt()
     target = torch.where(is_real, HALFNORMAL_MEAN, RAYLEIGH_MEAN).to(x.dtype).to(x.device)
-    return _block_l1(mag, target.expand_as(mag), block)
+    loss = _block_l1(mag, target.expand_as(mag), block)
+    if second_moment:
+        loss = loss + _block_l1(power, torch.ones_like(power), block)
+    return loss
 
 
 def spectral(z: torch.Tensor, block: int = 16, views: int = 0, layout: str = "natural",

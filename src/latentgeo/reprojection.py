@@ -53,7 +53,7 @@ class ReprojectResult:
     after: GaussianityReport
 
 
-def reproject(z: torch.Tensor, method: str = "moment+spectral", strength: float = 1.0,
+def reproject(z: torch.Tensor, method: str = "fast", strength: float = 1.0,
               max_steps: int = 500, lr: float = 0.02, alpha: float = DEFAULT_ALPHA,
               check_every: int = 5, callback: Callable[..., None] | None = None
               ) -> ReprojectResult:

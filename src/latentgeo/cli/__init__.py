@@ -30,6 +30,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "demo", "demo"),
     ("interpolate", "interpolate", "interpolate"),
     ("centroid", "centroid", "centroid"),
+    ("stats", "stats", "stats"),
+    ("reproject", "reproject", "reproject"),
 ]
 
 for _name, _module, _func in COMMANDS:
