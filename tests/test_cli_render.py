@@ -100,7 +100,7 @@ def test_demo_renders_every_method(cli, tmp_path, model, monkeypatch):
     monkeypatch.setattr(demo_module, "REFERENCE_ITERS", 10)
     out = tmp_path / "demo"
     r = cli("demo", "-o", out, "--model", model, "--steps", "2", "--points", "3", "--inputs",
-            "2", "--json")
+            "2", "--reference", "--json")
     info = json.loads(r.stdout)
     assert [row["method"] for row in info["interpolation"]] == list(INTERPOLATORS)
     for name in INTERPOLATORS:
@@ -108,6 +108,36 @@ def test_demo_renders_every_method(cli, tmp_path, model, monkeypatch):
     with Image.open(out / "interpolation.png") as im:
         # rows = methods; 3 points of 16 px upscaled x8, 2 px padding, plus a label margin.
         assert im.size[1] == len(INTERPOLATORS) * (128 + 2) + 2
-    assert (out / "centroids.png").exists()
+    with Image.open(out / "centroids.png") as im:  # inputs, then one row per method
+        assert im.size[1] == (1 + len(info["centroids"])) * (128 + 2) + 2
     r = cli("demo", "-o", out, "--model", model, expect=2)
     assert_one_line_error(r, "exists", "--force")
+
+
+def test_render_job_for_paths_and_centroids(tmp_path, model):
+    from latentgeo.cli.rendering import prepare_render
+    from latentgeo.errors import OutputExistsError, ShapeError
+
+    z = torch.randn((3, *TINY_PIXEL_LATENT), generator=torch.Generator().manual_seed(3))
+    names = [f"step{i:03d}" for i in range(3)]
+    job = prepare_render(tmp_path / "r", TINY_PIXEL_LATENT, names, model=model, class_label=2,
+                         steps=2, strip=True, quiet=True)
+    info = job.path(z)
+    assert [p.split("/")[-1] for p in info["images"]] == [f"{n}.png" for n in names]
+    with Image.open(info["gif"]) as im:
+        assert im.n_frames == 4  # a -> b -> a
+    with Image.open(info["strip"]) as im:
+        assert im.size == (3 * (128 + 2) + 2, 128 + 4)
+    with pytest.raises(OutputExistsError):
+        prepare_render(tmp_path / "r", TINY_PIXEL_LATENT, names, model=model, strip=True)
+    with pytest.raises(ShapeError, match=r"\(4, 8, 8\).*\(1, 16, 16\)"):
+        prepare_render(tmp_path / "s", (4, 8, 8), names, model=model)
+    assert prepare_render(None, (4, 8, 8), names, model="no/such") is None
+
+    job = prepare_render(tmp_path / "c", TINY_PIXEL_LATENT, ["centroid", "a", "b"], model=model,
+                         steps=2, grid=True, quiet=True)
+    info = job.centroid(z.mean(0), z[:2], ["a", "b"])
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["a.png", "b.png",
+                                                                  "centroid.png", "grid.png"]
+    with Image.open(info["grid"]) as im:  # centroid, gap, 2 inputs
+        assert im.size == (4 * (128 + 2) + 2, 128 + 4)

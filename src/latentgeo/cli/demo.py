@@ -12,8 +12,10 @@ import typer
 from latentgeo.cli.common import Device, Dtype, Force, Json, Model, Seed, print_json, print_table
 from latentgeo.errors import InputError
 
-#: Iteration cap for the paper's optimiser in the demo (its default is 10,000).
-REFERENCE_ITERS = 300
+#: Iteration cap for the papers' optimisers with --reference (their default is 10,000).
+REFERENCE_ITERS = 200
+#: DDIM steps of the demo (fewer than the model's 50, to stay under a minute on 2 CPU cores).
+DEMO_STEPS = 25
 
 
 def _call_limited(fn: Any, *args: Any) -> Any:
@@ -43,8 +45,10 @@ def demo(
                                         help="Points per interpolation path.")] = 7,
     inputs: Annotated[int, typer.Option("--inputs", min=2, max=16,
                                         help="Seeds averaged by each centroid method.")] = 4,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="DDIM steps "
-                                              "(default: the model's).")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="DDIM steps.")] = DEMO_STEPS,
+    reference: Annotated[bool, typer.Option(
+        "--reference", help="Also run the papers' optimisers (nao-reference), capped at "
+        f"{REFERENCE_ITERS} iterations (slow: tens of seconds).")] = False,
     device: Device = "cpu",
     dtype: Dtype = "float32",
     force: Force = False,
@@ -53,8 +57,9 @@ def demo(
     """Sample two seeds, interpolate them with every method, take the centroid of a few seeds
     with every method, render everything with the bundled model and write comparison grids.
 
-    Writes interpolation.png (one row per method, a -> b), interpolation-<method>.gif,
-    centroids.png (the inputs, then one centroid per method) and samples/*.png.
+    Writes interpolation.png (one row per method, a -> b), interpolation-<method>.gif and
+    centroids.png (the inputs, then one row per centroid method). The iterative reference
+    optimisers (nao-reference) are skipped unless --reference.
     """
     import torch
 
@@ -69,6 +74,9 @@ def demo(
         raise InputError(f"{out}: exists and is not a directory")
     interpolators = _optional("latentgeo.interpolation", "INTERPOLATORS")
     centroids = _optional("latentgeo.centroids", "CENTROIDS")
+    if not reference:
+        interpolators = {k: v for k, v in interpolators.items() if not k.endswith("reference")}
+        centroids = {k: v for k, v in centroids.items() if not k.endswith("reference")}
     targets = [out / "interpolation.png", out / "centroids.png"]
     targets += [out / f"interpolation-{m}.gif" for m in interpolators]
     check_targets(targets, force)
@@ -91,7 +99,7 @@ def demo(
     paths: dict[str, torch.Tensor] = {}
     for name, fn in interpolators.items():
         start = time.perf_counter()
-        path = _call_limited(fn, a, b, t) if name == "nao-reference" else fn(a, b, t)
+        path = _call_limited(fn, a, b, t) if name.endswith("reference") else fn(a, b, t)
         ms = 1e3 * (time.perf_counter() - start)
         path = path.detach().to(torch.float32).reshape(points, *shape)
         paths[name] = path
@@ -105,7 +113,7 @@ def demo(
     crows: list[dict[str, Any]] = []
     for name, fn in centroids.items():
         start = time.perf_counter()
-        c = fn(xs)
+        c = _call_limited(fn, xs) if name.endswith("reference") else fn(xs)
         ms = 1e3 * (time.perf_counter() - start)
         cents[name] = c.detach().to(torch.float32).reshape(shape)
         crows.append({"method": name, "ms": ms,
@@ -136,11 +144,11 @@ def demo(
     pos += inputs
     cent_imgs = images[pos:]
     blank = torch.full_like(input_imgs[0], 0.5)
-    ncol = max(inputs, len(cents))
-    cells = list(input_imgs) + [blank] * (ncol - inputs)
-    cells += list(cent_imgs) + [blank] * (ncol - len(cents)) if len(cents) else []
-    labels = ["inputs"] + (["centroids: " + ", ".join(cents)] if cents else [])
-    grid = make_grid(upscale(torch.stack(cells), k), nrow=ncol)
+    cells = list(input_imgs)
+    for img in cent_imgs:  # one row per method: its centroid, then blank cells
+        cells += [img] + [blank] * (inputs - 1)
+    labels = ["inputs", *(f"{name} centroid" for name in cents)]
+    grid = make_grid(upscale(torch.stack(cells), k), nrow=inputs)
     written.append(save_image(out / "centroids.png", label_rows(grid, labels, cell),
                               force=force))
 
@@ -160,4 +168,5 @@ def demo(
                     [[r["method"], r["ms"], r["norm_over_mode"]] for r in crows])
     print(f"wrote {len(written)} files to {out}/ (interpolation.png: rows = "
           f"{', '.join(paths) or 'none'}; centroids.png: inputs, then "
-          f"{', '.join(cents) or 'none'})")
+          f"{', '.join(cents) or 'none'}; {steps} DDIM steps"
+          f"{'' if reference else '; add --reference for nao-reference'})")

@@ -111,3 +111,80 @@ def render_to(out_dir: str | Path, latents: torch.Tensor, names: Sequence[str],
             "steps": backend.default_steps if steps is None else int(steps),
             "guidance": backend.default_guidance if guidance is None else float(guidance),
             "rendered": images}
+
+
+# -- ``--render`` on interpolate and centroid ------------------------------------------------------
+RenderModel = Annotated[str, typer.Option("--model", help="Model for --render: 'bundled', or a "
+                                          "diffusers pipeline id or local path.")]
+RenderSteps = Annotated[int | None, typer.Option("--render-steps", min=1, help="DDIM steps "
+                                                 "for --render (default: the model's).")]
+
+
+class RenderJob:
+    """A ``--render DIR`` request, validated before any latent is computed or written.
+
+    :func:`prepare_render` loads the model, checks the condition, the latent shape and that no
+    image target exists (unless --force); :meth:`path` / :meth:`centroid` then render.
+    """
+
+    def __init__(self, out: Path, backend: Any, condition: Any, steps: int | None,
+                 guidance: float | None, force: bool, quiet: bool) -> None:
+        self.out, self.backend, self.condition = out, backend, condition
+        self.steps, self.guidance, self.force, self.quiet = steps, guidance, force, quiet
+
+    def _run(self, latents: torch.Tensor, names: Sequence[str], **kw: Any) -> dict[str, Any]:
+        return render_to(self.out, latents, names, model=self.backend, steps=self.steps,
+                         guidance=self.guidance, condition=self.condition, force=self.force,
+                         quiet=self.quiet, **kw)
+
+    def path(self, path: torch.Tensor) -> dict[str, Any]:
+        """Interpolation (n, *shape): step000.png ... plus strip.png and path.gif."""
+        names = [f"step{i:03d}" for i in range(path.shape[0])]
+        info = self._run(path, names, strip=True)
+        info.pop("rendered")
+        return info
+
+    def centroid(self, c: torch.Tensor, x: torch.Tensor, names: Sequence[str]
+                 ) -> dict[str, Any]:
+        """Centroid (*shape) and its inputs (N, *shape): centroid.png, one PNG per input and
+        grid.png = [centroid | gap | inputs ...] in one row."""
+        from latentgeo.images import make_grid, save_image, upscale
+
+        info = self._run(torch.cat([c[None], x]), ["centroid", *names])
+        imgs = info.pop("rendered")
+        k = view_scale(self.backend)
+        gap = torch.full_like(imgs[0], 0.5)
+        row = torch.cat([imgs[:1], gap[None], imgs[1:]])
+        grid = self.out / "grid.png"
+        save_image(grid, make_grid(upscale(row, k), nrow=row.shape[0]), force=self.force)
+        info["grid"] = str(grid)
+        return info
+
+
+def prepare_render(out: Path | None, shape: Sequence[int], names: Sequence[str],
+                   model: str = "bundled", device: str = "cpu", dtype: str = "float32",
+                   prompt: str | None = None, class_label: int | None = None,
+                   steps: int | None = None, guidance: float | None = None,
+                   strip: bool = False, grid: bool = False, force: bool = False,
+                   quiet: bool = False) -> RenderJob | None:
+    """Validate a ``--render`` request (None when ``out`` is None) before anything is written:
+    the model loads, the condition fits it, latents of ``shape`` are its seeds, and none of
+    ``NAME.png`` (plus strip.png/path.gif, grid.png) exists unless ``force``."""
+    from latentgeo.backend import load_model
+    from latentgeo.errors import ShapeError
+
+    if out is None:
+        return None
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--render {out}: exists and is not a directory")
+    backend = load_model(model, device, dtype)
+    if tuple(shape) != tuple(backend.latent_shape):
+        raise ShapeError(f"--render: latents of shape {tuple(shape)} do not fit {backend.name}, "
+                         f"whose seeds have shape {tuple(backend.latent_shape)}")
+    condition = condition_from(backend, prompt, class_label)
+    targets = [out / f"{n}.png" for n in names]
+    targets += [out / "strip.png", out / "path.gif"] if strip else []
+    targets += [out / "grid.png"] if grid else []
+    check_targets(targets, force)
+    return RenderJob(out, backend, condition, steps, guidance, force, quiet)
