@@ -11,7 +11,7 @@ from PIL import Image
 
 from latentgeo.io import save_latent
 from tests.conftest import assert_one_line_error
-from tests.tiny_sd import TINY_PIXEL_LATENT, tiny_pixel_path
+from tests.tiny_sd import TINY_PIXEL_LATENT, tiny_pixel_path, tiny_sd_path
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +141,23 @@ def test_render_job_for_paths_and_centroids(tmp_path, model):
                                                                   "centroid.png", "grid.png"]
     with Image.open(info["grid"]) as im:  # centroid, gap, 2 inputs
         assert im.size == (4 * (128 + 2) + 2, 128 + 4)
+
+
+def test_interpolate_and_centroid_render(cli, tmp_path, seeds_dir, model):
+    a, b, c = sorted(seeds_dir.iterdir())
+    r = cli("interpolate", a, b, "-o", tmp_path / "path.pt", "-m", "slerp", "--steps", "4",
+            "--render", tmp_path / "ri", "--model", model, "--render-steps", "2", "--json")
+    info = json.loads(r.stdout)["render"]
+    assert len(info["images"]) == 4 and info["steps"] == 2
+    assert sorted(p.name for p in (tmp_path / "ri").iterdir()) == [
+        "path.gif", "step000.png", "step001.png", "step002.png", "step003.png", "strip.png"]
+    r = cli("centroid", seeds_dir, "-o", tmp_path / "c.pt", "-m", "cog", "--render",
+            tmp_path / "rc", "--model", model, "--render-steps", "2", "--class", "4")
+    assert "grid.png" in r.stdout or (tmp_path / "rc" / "grid.png").exists()
+    assert sorted(p.name for p in (tmp_path / "rc").iterdir()) == sorted(
+        ["centroid.png", "grid.png", *(f"{p.stem}.png" for p in (a, b, c))])
+    # A model that does not fit the latents is refused before anything is written.
+    r = cli("interpolate", a, b, "-o", tmp_path / "p2.pt", "--render", tmp_path / "r2",
+            "--model", tiny_sd_path(), expect=2)
+    assert_one_line_error(r, "(1, 16, 16)", "(4, 8, 8)")
+    assert not (tmp_path / "p2.pt").exists() and not (tmp_path / "r2").exists()

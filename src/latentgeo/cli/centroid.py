@@ -12,7 +12,19 @@ from typing import Annotated, Any
 
 import typer
 
-from latentgeo.cli.common import Force, Json, Output, print_json, print_table
+from latentgeo.cli.common import (
+    ClassLabel,
+    Device,
+    Dtype,
+    Force,
+    Guidance,
+    Json,
+    Output,
+    Prompt,
+    print_json,
+    print_table,
+)
+from latentgeo.cli.rendering import Render, RenderModel, RenderSteps
 
 #: Iteration cap of the paper's optimiser inside ``--all-methods`` (its default is 10,000).
 ALL_METHODS_REFERENCE_ITERS = 300
@@ -75,10 +87,22 @@ def centroid(
                                                   "of nao-reference (default 10,000).")] = None,
     all_methods: Annotated[bool, typer.Option("--all-methods", help="Also print a table "
                                               "comparing every method on the seeds.")] = False,
+    render: Render = None,
+    model: RenderModel = "bundled",
+    prompt: Prompt = None,
+    class_label: ClassLabel = None,
+    guidance: Guidance = None,
+    render_steps: RenderSteps = None,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     force: Force = False,
     json: Json = False,
 ) -> None:
-    """Centroid of a set of seeds (default: the exact NAO centroid) written to one file."""
+    """Centroid of a set of seeds (default: the exact NAO centroid) written to one file.
+
+    --render DIR also renders the centroid (centroid.png) and every input seed with --model,
+    plus grid.png: the centroid beside the inputs' images.
+    """
     from latentgeo.centroids import CENTROIDS, get_centroid
     from latentgeo.errors import InputError
     from latentgeo.io import load_latent_set, output_is_dir, save_latent
@@ -90,12 +114,21 @@ def centroid(
         raise InputError(f"{output}: the centroid is one latent; give a .pt or .safetensors file")
     x, names = load_latent_set(seeds)
     w = parse_weights(weights, x.shape[0])
+    from latentgeo.cli.rendering import prepare_render
+
+    job = prepare_render(render, tuple(x.shape[1:]), ["centroid", *names], model, device,
+                         dtype, prompt, class_label, render_steps, guidance, grid=True,
+                         force=force, quiet=json)
     c = compute_centroid(x, method, w, power, max_iters)
     meta = {"method": method, "power": str(power), "n": str(x.shape[0]),
             "weights": weights or ""}
     written = save_latent(output, c, meta, force=force)
     summary = summarize(c, x, names, method, w, power)
     summary["file"] = str(written)
+    if job is not None:
+        summary["render"] = job.centroid(c, x, names)
+        if not json:
+            print(f"rendered the centroid and {len(names)} inputs, grid.png into {render}/")
     rows = []
     if all_methods:
         cap = max_iters or ALL_METHODS_REFERENCE_ITERS

@@ -12,7 +12,19 @@ from typing import Annotated, Any
 
 import typer
 
-from latentgeo.cli.common import Force, Json, Output, print_json, print_table
+from latentgeo.cli.common import (
+    ClassLabel,
+    Device,
+    Dtype,
+    Force,
+    Guidance,
+    Json,
+    Output,
+    Prompt,
+    print_json,
+    print_table,
+)
+from latentgeo.cli.rendering import Render, RenderModel, RenderSteps
 
 #: Iteration cap of the paper's optimiser inside ``--all-methods`` (its default is 10,000).
 ALL_METHODS_REFERENCE_ITERS = 300
@@ -77,12 +89,22 @@ def interpolate(
                                                   "of nao-reference (default 10,000).")] = None,
     all_methods: Annotated[bool, typer.Option("--all-methods", help="Also print a table "
                                               "comparing every method on A and B.")] = False,
+    render: Render = None,
+    model: RenderModel = "bundled",
+    prompt: Prompt = None,
+    class_label: ClassLabel = None,
+    guidance: Guidance = None,
+    render_steps: RenderSteps = None,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     force: Force = False,
     json: Json = False,
 ) -> None:
     """Interpolate two seeds (default: the exact NAO geodesic) and write the path.
 
     -o path.pt writes one (steps, ...) tensor; -o dir/ writes one file per step.
+    --render DIR also renders every step with --model (step000.png ...), a strip.png and an
+    animated path.gif.
     """
     from latentgeo.errors import InputError, ShapeError
     from latentgeo.interpolation import INTERPOLATORS, get_interpolator
@@ -98,12 +120,21 @@ def interpolate(
     if method in ("nao", "nao-reference") and (float(xa.abs().max()) == 0
                                                 or float(xb.abs().max()) == 0):
         raise InputError("a zero latent has infinite NAO weight; use lerp or slerp")
+    from latentgeo.cli.rendering import prepare_render
+
+    job = prepare_render(render, tuple(xa.shape), [f"step{i:03d}" for i in range(steps)],
+                         model, device, dtype, prompt, class_label, render_steps, guidance,
+                         strip=True, force=force, quiet=json)
     path = compute_path(xa, xb, method, steps, spacing, max_iters)
     meta = {"method": method, "steps": str(steps), "a": str(a), "b": str(b)}
     written = save_latent_set(output, path, [f"step{i:03d}" for i in range(steps)],
                               metadata=meta, force=force)
     summary = summarize(path, xa, xb, method)
     summary["files"] = [str(p) for p in written]
+    if job is not None:
+        summary["render"] = job.path(path)
+        if not json:
+            print(f"rendered {steps} images, strip.png and path.gif into {render}/")
     rows = []
     if all_methods:
         from latentgeo.metric import NAOMetric

@@ -183,6 +183,8 @@ def prepare_render(out: Path | None, shape: Sequence[int], names: Sequence[str],
         raise ShapeError(f"--render: latents of shape {tuple(shape)} do not fit {backend.name}, "
                          f"whose seeds have shape {tuple(backend.latent_shape)}")
     condition = condition_from(backend, prompt, class_label)
+    if len(set(names)) != len(names):
+        raise InputError("--render: two latents share a name, so their images would clash")
     targets = [out / f"{n}.png" for n in names]
     targets += [out / "strip.png", out / "path.gif"] if strip else []
     targets += [out / "grid.png"] if grid else []
