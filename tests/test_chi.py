@@ -21,7 +21,8 @@ def test_log_prob_matches_scipy(d):
 
 @pytest.mark.parametrize("d", [1, 2, 5, 64, 4096, 10**6])
 def test_mean_mode_variance(d):
-    assert chi.mean(d) == pytest.approx(stats.chi.mean(d), rel=1e-10)
+    # scipy loses digits for huge d (compare with the asymptotic sqrt(d - 1/2) there)
+    assert chi.mean(d) == pytest.approx(stats.chi.mean(d), rel=1e-10 if d < 10**5 else 1e-7)
     assert chi.variance(d) == pytest.approx(stats.chi.var(d), rel=1e-6, abs=1e-9)
     assert chi.mode(d) == pytest.approx(math.sqrt(d - 1))
     if d > 1:  # the mode maximises the density
@@ -43,7 +44,8 @@ def test_huge_d_is_finite_and_stable():
     r = torch.tensor([1.0, chi.mode(d), 2 * chi.mode(d)], dtype=torch.float64)
     lp = chi.log_prob(r, d)
     assert torch.isfinite(lp).all()
-    assert chi.mean(d) == pytest.approx(math.sqrt(d - 0.5), rel=1e-6)
+    assert chi.mean(d) == pytest.approx(math.sqrt(d - 0.5), rel=1e-12)
+    assert chi.variance(d) == pytest.approx(0.5 - 1 / (8 * d), rel=1e-9)
     # the density peak tends to 1/sqrt(pi) (variance 1/2)
     assert float(-lp[1]) == pytest.approx(0.5 * math.log(math.pi), abs=1e-3)
 

@@ -50,21 +50,29 @@ def mode(d: int) -> float:
     return math.sqrt(max(d - 1, 0))
 
 
+def _one_minus_s(d: int) -> float:
+    """1 - s for Gamma(x + 1/2) / Gamma(x) = sqrt(x) s, x = d/2: the asymptotic series
+    1/(8x) - 1/(128x^2) - 5/(1024x^3) + 21/(32768x^4) + O(x^-5) (used for d >= 10^4)."""
+    x = d / 2
+    return 1 / (8 * x) - 1 / (128 * x**2) - 5 / (1024 * x**3) + 21 / (32768 * x**4)
+
+
 def mean(d: int) -> float:
-    """Mean sqrt(2) Gamma((d+1)/2) / Gamma(d/2), via lgamma (no overflow)."""
+    """Mean sqrt(2) Gamma((d+1)/2) / Gamma(d/2): lgamma for d < 10^4, the asymptotic series
+    sqrt(d) s above (lgamma differences of huge values lose digits there)."""
+    if d >= 10_000:
+        return math.sqrt(d) * (1 - _one_minus_s(d))
     return math.sqrt(2.0) * math.exp(math.lgamma((d + 1) / 2) - math.lgamma(d / 2))
 
 
 def variance(d: int) -> float:
     """Variance d - mean^2 (tends to 1/2 as d grows).
 
-    For d >= 100 the cancellation in d - mean^2 is avoided with the asymptotic series
-    Gamma(x + 1/2) / Gamma(x) = sqrt(x) s,  1 - s = 1/(8x) - 1/(128x^2) - 5/(1024x^3)
-    + 21/(32768x^4) + O(x^-5), x = d/2, so that d - mean^2 = d (1 - s)(1 + s).
+    For d >= 10^4 the cancellation in d - mean^2 is avoided with the series of ``mean``:
+    d - mean^2 = d (1 - s)(1 + s).
     """
-    if d >= 100:
-        x = d / 2
-        one_minus_s = 1 / (8 * x) - 1 / (128 * x**2) - 5 / (1024 * x**3) + 21 / (32768 * x**4)
+    if d >= 10_000:
+        one_minus_s = _one_minus_s(d)
         return d * one_minus_s * (2 - one_minus_s)
     m = mean(d)
     return max(d - m * m, 0.0)

@@ -355,7 +355,7 @@ def _initial_path(da, db, theta, s: _Shell, M: int, n_fine: int = 128):
     return G, D
 
 
-def solve_planar(ra, rb, theta, d: int, n_grid: int = N_GRID, tol: float = 1e-12,
+def solve_planar(ra, rb, theta, d: int, n_grid: int = N_GRID, tol: float = 1e-10,
                  max_iter: int = 100, init: tuple[np.ndarray, np.ndarray] | None = None
                  ) -> PlanarSolution:
     """Solve B planar NAO problems at once; ra, rb > 0 and theta in [0, pi] are (B,) arrays.
@@ -445,10 +445,14 @@ def _locate(sol: PlanarSolution, b: int, frac: np.ndarray, spacing: str):
     k = np.clip(np.searchsorted(cum, target, side="right") - 1, 0, len(seg) - 1)
     rem = target - cum[k]
     x = np.where(seg[k] > 0, rem / np.where(seg[k] > 0, seg[k], 1.0), 0.0)
+    nodes = np.append(_GS, 1.0)
     for _ in range(8):  # Newton on  ell_k * int_0^x weight(D_k + sigma du_k) dsigma = rem
-        val = ell[k] * x * (weight(D[k, None] + (x[:, None] * _GS) * du[k, None]) @ _GW)
-        der = ell[k] * weight(D[k] + x * du[k])
-        x = np.clip(x - (val - rem) / np.maximum(der, 1e-300), 0.0, 1.0)
+        wv = weight(D[k, None] + (x[:, None] * nodes) * du[k, None])
+        val = ell[k] * x * (wv[:, :-1] @ _GW)
+        step = (val - rem) / np.maximum(ell[k] * wv[:, -1], 1e-300)
+        x = np.clip(x - step, 0.0, 1.0)
+        if np.abs(step).max() < 1e-14:
+            break
     delta = D[k] + x * du[k]
     return s.r0 * np.exp(delta), phi[k] + x * dphi[k]
 
@@ -500,6 +504,36 @@ def plane_frame(x: torch.Tensor, y: torch.Tensor):
     e2 = torch.where(ok, perp / s, fb)
     theta = torch.atan2(torch.where(ok, s, torch.zeros_like(s)), c)
     return ra, rb, theta, e1, e2
+
+
+def _np64(x: torch.Tensor) -> np.ndarray:
+    """Flat float64 numpy copy of a tensor (numpy, not torch: no thread pool for small work)."""
+    x = x.detach().reshape(-1).cpu()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    return np.asarray(x.numpy(), dtype=np.float64)
+
+
+def plane_frame_np(x: np.ndarray, y: np.ndarray):
+    """``plane_frame`` for flat float64 numpy vectors (no autograd): (|x|, |y|, theta, e1, e2).
+
+    Reductions are elementwise products summed by numpy (single-threaded), not BLAS dots.
+    """
+    ra = math.sqrt(float((x * x).sum()))
+    rb = math.sqrt(float((y * y).sum()))
+    e1 = x / ra
+    c = float((y * e1).sum())
+    perp = y - c * e1
+    s = math.sqrt(float((perp * perp).sum()))
+    if s > 1e-15 * rb:
+        e2 = perp / s
+    else:
+        j = int(np.argmin(np.abs(e1)))
+        e2 = -e1 * e1[j]
+        e2[j] += 1.0
+        e2 /= math.sqrt(float((e2 * e2).sum()))
+        s = 0.0
+    return ra, rb, math.atan2(s, c), e1, e2
 
 
 class _PlanarPoints(torch.autograd.Function):
@@ -555,20 +589,21 @@ class NAOMetric:
         """w(r) = -log p(r) (float64)."""
         return chi.weight(r, self.d)
 
-    def _check(self, x: torch.Tensor, name: str = "x") -> None:
+    def _check(self, x: torch.Tensor, name: str = "x") -> np.ndarray:
+        """Validate one point; returns it as a flat float64 numpy array."""
         if x.numel() != self.d:
             raise ShapeError(f"{name} has {x.numel()} entries, the metric is for d = {self.d}")
-        if not bool(torch.isfinite(x).all()):
+        xn = _np64(x)
+        if not np.isfinite(xn).all():
             raise InputError(f"{name} has NaN or infinite entries")
-        if float(x.detach().abs().max()) == 0.0:
+        if not xn.any():
             raise InputError(f"{name} is the zero latent: its NAO weight -log p(0) is infinite")
+        return xn
 
     def solve(self, x: torch.Tensor, y: torch.Tensor) -> PlanarSolution:
         """The planar problem of the pair (x, y) (one-element batch)."""
-        self._check(x, "x")
-        self._check(y, "y")
-        ra, rb, theta, _, _ = plane_frame(_flat(x).double(), _flat(y).double())
-        return solve_planar(float(ra), float(rb), float(theta), self.d, self.n_grid)
+        ra, rb, theta, _, _ = plane_frame_np(self._check(x, "x"), self._check(y, "y"))
+        return solve_planar(ra, rb, theta, self.d, self.n_grid)
 
     def dist(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """NAO distance D(x, y) = min over paths of integral w(|gamma|) ds; float64 0-d tensor."""
@@ -593,10 +628,21 @@ class NAOMetric:
             raise InputError(f"spacing {spacing!r}: choose 'nao' or 'euclidean'")
         if x.shape != y.shape:
             raise ShapeError(f"endpoints differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
-        self._check(x, "a")
-        self._check(y, "b")
+        xn, yn = self._check(x, "a"), self._check(y, "b")
         dt = geometry_dtype(x)
         tt = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+        if not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
+            # no autograd: the same formula in numpy (single-threaded, no tensor overhead)
+            ra, rb, theta, e1, e2 = plane_frame_np(xn, yn)
+            r, phi = self._points(ra, rb, theta, tt.numpy(), spacing)
+            npdt = np.float64 if dt == torch.float64 else np.float32
+            e1, e2 = e1.astype(npdt), e2.astype(npdt)
+            pts = (r * np.cos(phi)).astype(npdt)[:, None] * e1
+            pts += (r * np.sin(phi)).astype(npdt)[:, None] * e2
+            tn = tt.numpy()
+            pts[tn == 0] = xn.astype(npdt)
+            pts[tn == 1] = yn.astype(npdt)
+            return torch.from_numpy(pts).reshape(len(tt), *x.shape).to(x.device)
         xf, yf = _flat(x).to(torch.float64), _flat(y).to(torch.float64)
         ra, rb, theta, e1, e2 = plane_frame(xf, yf)
         r, phi = _PlanarPoints.apply(ra, rb, theta, self, tt.numpy(), spacing)
@@ -609,17 +655,14 @@ class NAOMetric:
         """Riemannian log: the Euclidean vector v at x along the geodesic's initial direction
         with NAO norm w(|x|) |v| = D(x, y). Shape and geometry dtype of x. (Gradient of
         D(x, .) at x is -w(|x|) v / |v| by the first variation formula.)"""
-        self._check(x, "x")
-        self._check(y, "y")
-        xf, yf = _flat(x).double(), _flat(y).double()
-        ra, rb, theta, e1, e2 = plane_frame(xf, yf)
-        sol = solve_planar(float(ra), float(rb), float(theta), self.d, self.n_grid)
-        grad = float(sol.d_ra[0]) * e1 - float(sol.d_theta[0]) / float(ra) * e2
-        gnorm = grad.norm()
-        if float(gnorm) == 0.0:
-            return torch.zeros_like(x, dtype=geometry_dtype(x))
-        v = -grad / gnorm * (float(sol.length[0]) / float(self.weight(float(ra))))
-        return v.to(geometry_dtype(x)).reshape(x.shape)
+        ra, rb, theta, e1, e2 = plane_frame_np(self._check(x, "x"), self._check(y, "y"))
+        sol = solve_planar(ra, rb, theta, self.d, self.n_grid)
+        grad = float(sol.d_ra[0]) * e1 - float(sol.d_theta[0]) / ra * e2
+        gnorm = math.sqrt(float((grad * grad).sum()))
+        if gnorm == 0.0:
+            return torch.zeros(x.shape, dtype=geometry_dtype(x))
+        v = -grad / gnorm * (float(sol.length[0]) / float(self.weight(ra)))
+        return torch.from_numpy(v).to(geometry_dtype(x)).reshape(x.shape)
 
     def exp(self, x: torch.Tensor, v: torch.Tensor, rtol: float = 1e-10) -> torch.Tensor:
         """Riemannian exp: follow the geodesic from x with initial velocity v for NAO length
@@ -658,13 +701,15 @@ class NAOMetric:
         each straight segment is integrated by composite Gauss-Legendre (``n_sub`` panels of
         ``_Q`` nodes), with |x| along the segment from dot products. Float64 0-d tensor.
         This, not the paper's midpoint sum, is the yardstick for comparing paths."""
-        p = path.detach().reshape(path.shape[0], -1).to(torch.float64)
+        p = path.detach().reshape(path.shape[0], -1).cpu()
+        p = np.asarray((p if p.dtype in (torch.float32, torch.float64) else p.float()).numpy(),
+                       dtype=np.float64)
         if p.shape[1] != self.d:
             raise ShapeError(f"path points have {p.shape[1]} entries, metric is for d = {self.d}")
         a, delta = p[:-1], p[1:] - p[:-1]
-        aa = (a * a).sum(1).numpy()
-        ad = (a * delta).sum(1).numpy()
-        dd = (delta * delta).sum(1).numpy()
+        aa = (a * a).sum(1)
+        ad = (a * delta).sum(1)
+        dd = (delta * delta).sum(1)
         edges = np.linspace(0.0, 1.0, n_sub + 1)
         s = (edges[:-1, None] + (edges[1:] - edges[:-1])[:, None] * _GS[None, :]).ravel()
         wq = np.tile(_GW / n_sub, n_sub)

@@ -1,0 +1,158 @@
+"""Exact NAO geometry vs the paper's discretised optimiser, same inputs, one run.
+
+    python benchmarks/bench_geometry.py [--quick] [--ref-iters N] [--threads K]
+
+Interpolation: d in {1024, 16384, 65536}, seed pairs on the chi shell and off it (norms x0.8 and
+x1.2, as inverted seeds are). Centroids: N in {2, 5, 20}. For each case both methods get the
+same inputs; the table shows wall time (best of repeats) and process CPU time of the exact
+method, the reference's time and iteration count, their ratio, and the yardsticks:
+
+* interpolation: true NAO length (fine quadrature) of a 50-point polyline of each path (ours
+  sampled at equal Euclidean arc length along the exact geodesic, the reference's own 50
+  points), plus the exact geodesic length D;
+* centroids: the paper's objective sum_i D(c, x_i) - log p(|c|) of each centroid, with D from
+  the exact solver.
+
+The reference runs at most --ref-iters Adam iterations (the paper: 10,000 with early
+stopping); when it hits the cap the ratio is a lower bound (marked '>=').
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from latentgeo import centroids, interpolation
+from latentgeo.metric import NAOMetric
+
+
+def _timed(fn, repeats):
+    best_wall, best_cpu, out = math.inf, math.inf, None
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        best_wall = min(best_wall, time.perf_counter() - w0)
+        best_cpu = min(best_cpu, time.process_time() - c0)
+    return out, best_wall, best_cpu
+
+
+def _pair(d, case, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sa, sb = {"shell": (1.0, 1.0), "off": (0.8, 1.2)}[case]
+    return sa * torch.randn(d, generator=g), sb * torch.randn(d, generator=g)
+
+
+def _set(d, n, case, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    if case == "off":
+        x = x * torch.where(torch.arange(n) % 2 == 0, 0.8, 1.2)[:, None]
+    return x
+
+
+def bench_interpolation(dims, cases, ref_iters, repeats):
+    rows = []
+    t9 = torch.linspace(0, 1, 9)
+    for d in dims:
+        metric = NAOMetric(d)
+        for case in cases:
+            a, b = _pair(d, case)
+            interpolation.nao(a, b, t9)  # warm-up (imports, shell constants)
+            _, wall, cpu = _timed(lambda a=a, b=b: interpolation.nao(a, b, t9), repeats)
+            ours50 = interpolation.nao(a, b, torch.linspace(0, 1, 50), spacing="euclidean")
+            iters = []
+            w0 = time.perf_counter()
+            ref50 = interpolation.nao_reference(a, b, [0.0, 1.0], max_iters=ref_iters,
+                                                return_path=True,
+                                                callback=lambda i, v, it=iters: it.append(i))
+            ref_wall = time.perf_counter() - w0
+            n_it = len(iters)
+            rows.append({
+                "d": d, "case": case, "exact_ms": 1e3 * wall, "exact_cpu_ms": 1e3 * cpu,
+                "ref_s": ref_wall, "ref_iters": n_it,
+                "ratio": ("≥" if n_it >= ref_iters else "") + f"{ref_wall / wall:,.0f}x",
+                "D": float(metric.dist(a, b)), "L_exact50": float(metric.length(ours50)),
+                "L_ref50": float(metric.length(ref50)),
+            })
+            print(rows[-1], flush=True)
+    return rows
+
+
+def bench_centroids(dims, ns, cases, ref_iters, repeats):
+    rows = []
+    for d in dims:
+        for n in ns:
+            for case in cases:
+                x = _set(d, n, case)
+                centroids.nao(x)  # warm-up
+                c, wall, cpu = _timed(lambda x=x: centroids.nao(x), repeats)
+                iters = []
+                w0 = time.perf_counter()
+                cref = centroids.nao_reference(x, max_iters=ref_iters,
+                                               callback=lambda i, v, it=iters: it.append(i))
+                ref_wall = time.perf_counter() - w0
+                n_it = len(iters)
+                rows.append({
+                    "d": d, "N": n, "case": case, "exact_ms": 1e3 * wall,
+                    "exact_cpu_ms": 1e3 * cpu, "ref_s": ref_wall, "ref_iters": n_it,
+                    "ratio": ("≥" if n_it >= ref_iters else "") + f"{ref_wall / wall:,.0f}x",
+                    "J_exact": centroids.nao_objective_of(c, x),
+                    "J_ref": centroids.nao_objective_of(cref, x),
+                })
+                print(rows[-1], flush=True)
+    return rows
+
+
+def _table(title, cols, rows):
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=title)
+        for c in cols:
+            t.add_column(c, justify="right")
+        for r in rows:
+            t.add_row(*(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+        Console(width=200).print(t)
+    except ImportError:  # pragma: no cover
+        print(title)
+        for r in rows:
+            print("  ".join(str(r[c]) for c in cols))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="d in {1024, 16384}, fewer cases")
+    p.add_argument("--ref-iters", type=int, default=None,
+                   help="iteration cap of the reference (default 10,000; --quick: 200)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--skip-centroids", action="store_true")
+    p.add_argument("--skip-interpolation", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ref_iters = args.ref_iters or (200 if args.quick else 10_000)
+    dims = [1024, 16384] if args.quick else [1024, 16384, 65536]
+    print(f"torch threads: {torch.get_num_threads()}, reference cap: {ref_iters} iterations")
+    if not args.skip_interpolation:
+        rows = bench_interpolation(dims, ["shell", "off"], ref_iters, args.repeats)
+        _table("NAO interpolation, 9 points: exact (planar solver) vs nao-reference (Adam)",
+               ["d", "case", "exact_ms", "exact_cpu_ms", "ref_s", "ref_iters", "ratio", "D",
+                "L_exact50", "L_ref50"], rows)
+    if not args.skip_centroids:
+        ns = [2, 5, 20]
+        cdims = [1024, 16384] if args.quick else dims
+        rows = bench_centroids(cdims, ns, ["shell", "off"] if not args.quick else ["off"],
+                               ref_iters, max(1, args.repeats // 2))
+        _table("NAO centroid (paper objective): exact (span + L-BFGS) vs nao-reference "
+               "(joint Adam)",
+               ["d", "N", "case", "exact_ms", "exact_cpu_ms", "ref_s", "ref_iters", "ratio",
+                "J_exact", "J_ref"], rows)
+
+
+if __name__ == "__main__":
+    main()
