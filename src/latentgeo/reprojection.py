@@ -98,7 +98,7 @@ def _optimise(x0, reg, strength, max_steps, lr, alpha, check_every, callback):
         loss.backward()
         opt.step()
         if callback is not None:
-            callback(step=step, loss=float(loss))
+            callback(step=step, loss=float(loss.detach()))
         if step % check_every == 0 or step == max_steps:
             report = gaussianity_stats(x.detach(), alpha)
             if report.passed:
