@@ -21,7 +21,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 import time
+
+if "--threads" in sys.argv:  # BLAS/OpenMP pools read these once, at import
+    _k = sys.argv[sys.argv.index("--threads") + 1]
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = _k
 
 import torch
 
@@ -137,7 +144,8 @@ def main():
         torch.set_num_threads(args.threads)
     ref_iters = args.ref_iters or (200 if args.quick else 10_000)
     dims = [1024, 16384] if args.quick else [1024, 16384, 65536]
-    print(f"torch threads: {torch.get_num_threads()}, reference cap: {ref_iters} iterations")
+    print(f"torch threads: {torch.get_num_threads()}, reference cap: {ref_iters} iterations, "
+          f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if not args.skip_interpolation:
         rows = bench_interpolation(dims, ["shell", "off"], ref_iters, args.repeats)
         _table("NAO interpolation, 9 points: exact (planar solver) vs nao-reference (Adam)",
