@@ -64,3 +64,13 @@ def test_bad_arguments():
     with pytest.raises(InputError):
         reproject(z, strength=0)
     assert "moment+spectral" in METHODS and "covariance" in METHODS
+
+
+def test_fast_handles_bins_without_power_and_nan_never_passes():
+    z = checkerboard((1, 32, 32), blocks=(8,))
+    r = reproject(z, method="fast")
+    assert torch.isfinite(r.latent).all() and r.passed
+    assert 0 < r.relative_distance < 2
+    bad = torch.randn(4, 8, 8)
+    bad[0, 0, 0] = float("nan")
+    assert not gaussianity_stats(bad).passed

@@ -126,7 +126,7 @@ class GaussianityReport:
 
     @property
     def failed(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.tests if t.p_value < self.threshold)
+        return tuple(t.name for t in self.tests if not t.p_value >= self.threshold)  # NaN fails
 
     @property
     def passed(self) -> bool:

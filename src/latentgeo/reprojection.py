@@ -166,9 +166,16 @@ def whiten_spectrum(x: torch.Tensor) -> torch.Tensor:
         target[:, sel] = _rank_quantiles(p[:, sel], lambda u: -np.log1p(-u))
     if real_np.any():
         target[:, real_np] = _rank_quantiles(p[:, real_np], lambda u: 2 * sps.gammaincinv(0.5, u))
-    factor = np.sqrt(target / np.maximum(p, 1e-300))
-    factor_t = torch.from_numpy(factor).to(device=x.device, dtype=x.dtype)[:, owner.to(x.device)]
-    return torch.fft.irfft2((flat * factor_t).reshape(spec.shape), s=(h, w), norm="ortho")
+    # A bin with (numerically) no power cannot be rescaled: give it the target magnitude.
+    empty = p < 1e-24
+    factor = np.sqrt(target / np.where(empty, 1.0, p))
+    fill = np.where(empty, np.sqrt(target), 0.0)
+    own = owner.to(x.device)
+    factor_t = torch.from_numpy(np.where(empty, 0.0, factor)).to(x.device)[:, own]
+    fill_t = torch.from_numpy(fill).to(x.device)[:, own]
+    new = flat.to(torch.complex128) * factor_t + fill_t
+    out = torch.fft.irfft2(new.reshape(spec.shape), s=(h, w), norm="ortho")
+    return out.to(x.dtype)
 
 
 def _rank_quantiles(p: np.ndarray, quantile: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
