@@ -41,8 +41,8 @@ def test_pixel_model_metadata(pix):
 
 def test_render_is_deterministic_bit_for_bit(pix):
     z = seeds(3, pix.latent_shape)
-    a = render(pix, z, condition=[1, 2, 3], steps=4)
-    b = render(pix, z.clone(), condition=[1, 2, 3], steps=4)
+    a = render(pix, z, condition=[1, 2, 3], steps=3)
+    b = render(pix, z.clone(), condition=[1, 2, 3], steps=3)
     assert a.shape == (3, *TINY_PIXEL_LATENT) and a.dtype == torch.float32
     assert torch.equal(a, b)
     assert 0.0 <= a.min() and a.max() <= 1.0
@@ -50,8 +50,8 @@ def test_render_is_deterministic_bit_for_bit(pix):
 
 def test_batching_changes_only_rounding(pix):
     z = seeds(4, pix.latent_shape, seed=1)
-    whole = render(pix, z, condition=5, steps=4)
-    chunks = render(pix, z, condition=5, steps=4, batch_size=3)
+    whole = render(pix, z, condition=5, steps=3, guidance=1.0)
+    chunks = render(pix, z, condition=5, steps=3, guidance=1.0, batch_size=3)
     torch.testing.assert_close(whole, chunks, atol=1e-4, rtol=0)
 
 
@@ -61,14 +61,14 @@ def test_matches_diffusers_ddim_scheduler_loop(pix):
 
     z = seeds(2, pix.latent_shape, seed=2)
     sched = DDIMScheduler.from_config(pix.scheduler.config)
-    sched.set_timesteps(5)
+    sched.set_timesteps(3)
     x = z.clone()
     with torch.no_grad():
         for t in sched.timesteps:
             eps = pix.unet(x, t, class_labels=torch.full((2,), 10)).sample
             x = sched.step(eps, t, x, eta=0.0).prev_sample
     ref = ((x + 1) / 2).clamp(0, 1)
-    torch.testing.assert_close(render(pix, z, condition=None, steps=5), ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(render(pix, z, condition=None, steps=3), ref, atol=1e-4, rtol=0)
 
 
 def test_classifier_free_guidance_formula(pix):
@@ -166,6 +166,6 @@ def test_bundled_model_renders_digits():
     assert b.kind == "bundled" and b.latent_shape == (1, 32, 32)
     assert b.num_classes == 10 and b.null_class == 10
     z = seeds(2, b.latent_shape, seed=5)
-    a = render(b, z, condition=[3, 8], steps=10)
+    a = render(b, z, condition=[3, 8], steps=3)
     assert a.shape == (2, 1, 32, 32)
-    assert torch.equal(a, render(b, z, condition=[3, 8], steps=10))
+    assert torch.equal(a, render(b, z, condition=[3, 8], steps=3))

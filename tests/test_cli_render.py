@@ -28,7 +28,7 @@ def seeds_dir(tmp_path, cli):
 
 def test_render_writes_one_png_per_seed_and_a_grid(cli, tmp_path, seeds_dir, model):
     out = tmp_path / "out"
-    r = cli("render", seeds_dir, "-o", out, "--model", model, "--class", "3", "--steps", "3",
+    r = cli("render", seeds_dir, "-o", out, "--model", model, "--class", "3", "--steps", "2",
             "--grid")
     names = sorted(p.stem for p in seeds_dir.iterdir())
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.png" for n in names]
@@ -38,10 +38,10 @@ def test_render_writes_one_png_per_seed_and_a_grid(cli, tmp_path, seeds_dir, mod
     assert names[0] in r.stdout
     first = (out / f"{names[0]}.png").read_bytes()
     # Existing outputs are refused (nothing rewritten) unless --force; re-render is identical.
-    r = cli("render", seeds_dir, "-o", out, "--model", model, "--class", "3", "--steps", "3",
+    r = cli("render", seeds_dir, "-o", out, "--model", model, "--class", "3", "--steps", "2",
             expect=2)
     assert_one_line_error(r, "exists", "--force")
-    cli("render", seeds_dir, "-o", out, "--model", model, "--class", "3", "--steps", "3",
+    cli("render", seeds_dir, "-o", out, "--model", model, "--class", "3", "--steps", "2",
         "--force")
     assert (out / f"{names[0]}.png").read_bytes() == first
 

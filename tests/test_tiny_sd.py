@@ -33,11 +33,11 @@ def test_render_matches_the_diffusers_pipeline(sd):
                                                    safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     z = torch.randn((2, *TINY_SD_LATENT), generator=torch.Generator().manual_seed(0))
-    ours = render(sd, z, condition="the dog", steps=4, guidance=3.0)
-    ref = pipe("the dog", latents=z.clone(), num_inference_steps=4, guidance_scale=3.0,
+    ours = render(sd, z, condition="the dog", steps=3, guidance=3.0)
+    ref = pipe("the dog", latents=z.clone(), num_inference_steps=3, guidance_scale=3.0,
                num_images_per_prompt=2, eta=0.0, output_type="pt").images
     torch.testing.assert_close(ours, ref.float(), atol=1e-4, rtol=0)
-    assert torch.equal(ours, render(sd, z, condition="the dog", steps=4, guidance=3.0))
+    assert torch.equal(ours, render(sd, z, condition="the dog", steps=3, guidance=3.0))
 
 
 def test_encode_is_deterministic_vae_mean(sd):
@@ -52,7 +52,7 @@ def test_cli_render_with_model_path(cli, tmp_path):
     save_latent(tmp_path / "z.pt", z)
     out = tmp_path / "out"
     cli("render", tmp_path / "z.pt", "-o", out, "--model", tiny_sd_path(), "--prompt",
-        "the dog", "--steps", "3", "--grid")
+        "the dog", "--steps", "2", "--grid")
     with Image.open(out / "z_000.png") as im:
         assert im.mode == "RGB" and im.size == TINY_SD_IMAGE[1:]
     assert (out / "grid.png").exists()

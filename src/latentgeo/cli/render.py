@@ -83,6 +83,9 @@ def render(
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory (-o takes a folder)")
+    from latentgeo.io import expand_latent_paths
+
+    expand_latent_paths(seeds)  # missing seed files fail before the model loads
     backend = load_model(model, device, dtype)
     condition = condition_from(backend, prompt, class_label)
     z, names = load_seeds(seeds, backend.latent_shape)
