@@ -20,13 +20,14 @@ an implicit equation because the network must be evaluated at the *unknown* nois
   estimate and iterates x_t <- g(x_s, eps(x_t, t)). At convergence the forward step
   f(x_t, eps(x_t, t)) reproduces x_s exactly, so the sampler maps the seed back to x_0.
 
-The forward residual of an iterate costs no extra network call: for x = g(x_s, e_prev),
+The forward residual of an iterate costs no extra network call beyond the one that refines it:
 
-    f(x, eps(x)) - x_s = (sqrt(1 - a_s) - sqrt(a_s / a_t) sqrt(1 - a_t)) (eps(x) - e_prev),
+    f(x, eps(x)) - x_s = sqrt(a_s / a_t) (x - G(x)),   G(x) = g(x_s, eps(x, t)).
 
-which is known as soon as eps(x) is evaluated for the next iteration. Iterations stop per sample
-once its RMS residual is <= ``tol``; converged samples leave the batch, so they cost no further
-network calls.
+Iterations stop per sample once its RMS residual is <= ``tol``; converged samples leave the
+batch, so they cost no further network calls. The iteration x <- G(x) is accelerated by
+Anderson mixing (Walker & Ni 2011; as in Pan et al. 2023) over the last few iterates, the plain
+estimate's G(x_s) included, so the first refinement already extrapolates.
 
 ``invert_images`` wraps the core for a model backend (``latentgeo.backend.Backend``, used only
 through its methods: ``encode``, ``decode``, ``timesteps``, ``noise_fn``); this module imports
@@ -57,7 +58,8 @@ class InversionInfo:
     calls:     number of ``eps_fn`` calls (each on the still-active rows of the batch).
     residual:  float64 (S, B), RMS forward residual |f(x_t, eps(x_t)) - x_s| / sqrt(D) of the
                last *measured* iterate of each step (NaN where none was measured, i.e. for plain
-               inversion); the returned iterate is at least one fixed-point update newer.
+               inversion). Where the step converged, that iterate is the one returned; otherwise
+               the returned iterate is one (unmeasured) update newer.
     iters:     int64 (S, B), fixed-point iterations (extra network calls) used per step.
     converged: bool (S, B), the step's residual reached ``tol``.
     """
@@ -89,13 +91,46 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     return x.detach().flatten(1).to(torch.float64).pow(2).mean(dim=1).sqrt()
 
 
+def anderson_mix(xs: list[torch.Tensor], gs: list[torch.Tensor]) -> torch.Tensor:
+    """One type-II Anderson step (Walker & Ni 2011, Eq. 2.1; used for diffusion inversion by
+    Pan et al. 2023) from iterates x_j and map values G(x_j), j = 0..m (oldest first).
+
+    With residuals f_j = G(x_j) - x_j and differences dF_j = f_{j+1} - f_j, dG_j likewise:
+    gamma = argmin |f_m - dF gamma|_2 per sample, x_new = G(x_m) - dG gamma.
+    xs, gs: lists of (n, D) tensors; returns (n, D) in their dtype. With one pair it is the plain
+    fixed-point update G(x_0). The least squares are solved per sample in float64.
+    """
+    if len(xs) == 1:
+        return gs[0]
+    x = torch.stack(xs, dim=-1).to(torch.float64)       # (n, D, m + 1)
+    g = torch.stack(gs, dim=-1).to(torch.float64)
+    f = g - x
+    df, dg = f.diff(dim=-1), g.diff(dim=-1)             # (n, D, m)
+    gram = df.transpose(1, 2) @ df                        # (n, m, m)
+    rhs = df.transpose(1, 2) @ f[..., -1:]                # (n, m, 1)
+    m = gram.shape[-1]
+    scale = gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-300)[:, None, None]
+    eye = torch.eye(m, dtype=torch.float64, device=gram.device)
+    gamma = torch.linalg.solve(gram + (1e-13 * scale + 1e-200) * eye, rhs)
+    mixed = (g[..., -1:] - dg @ gamma)[..., 0]
+    # Degenerate history (residual differences at rounding level): plain update G(x_m).
+    ok = torch.isfinite(mixed).all(dim=1, keepdim=True) & (scale[:, 0] > 1e-200)
+    return torch.where(ok, mixed, g[..., -1]).to(xs[0].dtype)
+
+
 @torch.no_grad()
 def ddim_invert(eps_fn: NoiseFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
                 timesteps: Sequence[int], final_alpha_cumprod: float,
                 fixed_point_iters: int = 3, tol: float | None = None,
                 callback: Callable[[int, torch.Tensor], None] | None = None,
+                anderson: int = 2,
                 return_info: bool = False) -> torch.Tensor | tuple[torch.Tensor, InversionInfo]:
     """Invert ``ddim_sample`` on the same grid: the seed x_T with ddim_sample(x_T) = x0.
+
+    Each inverse step a_s -> a_t solves x_t = G(x_t) := g(x_s, eps(x_t, t)) (the implicit
+    inverse of Song et al. 2021, Eq. 12): the plain DDIM estimate G(x_s) first, then up to
+    ``fixed_point_iters`` refinements, each one network call, stopping per sample once the
+    forward residual f(x_t, eps(x_t)) - x_s = sqrt(a_s / a_t) (x_t - G(x_t)) has RMS <= tol.
 
     Args:
         eps_fn: eps_fn(x_t (b, *shape), t int) -> eps (b, *shape); called on subsets of the
@@ -103,11 +138,13 @@ def ddim_invert(eps_fn: NoiseFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
         x0: (B, *shape) float32 or float64, the clean latents (noise level final_alpha_cumprod).
         alphas_cumprod, timesteps, final_alpha_cumprod: exactly what ``ddim_sample`` gets;
             ``timesteps`` descending.
-        fixed_point_iters: extra network calls per step refining x_t <- g(x_s, eps(x_t, t))
-            (Pan et al. 2023, Eq. 6); 0 is plain DDIM inversion (eps evaluated at x_s).
+        fixed_point_iters: extra network calls per step refining x_t (Pan et al. 2023, Eq. 6);
+            0 is plain DDIM inversion (eps evaluated at x_s, one call per step).
         tol: per-sample RMS forward residual at which refinement stops
             (default ``TOL[dtype]``).
         callback: ``callback(i, x)`` after each inverse step i = 0..S-1 (x: (B, *shape)).
+        anderson: Anderson acceleration depth m (``anderson_mix`` over the last m + 1 iterates,
+            the plain estimate's G(x_s) included); 0 = Picard iteration x <- G(x).
         return_info: also return an ``InversionInfo``.
 
     Returns:
@@ -115,6 +152,8 @@ def ddim_invert(eps_fn: NoiseFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
     """
     if fixed_point_iters < 0:
         raise InputError(f"fixed_point_iters must be >= 0, got {fixed_point_iters}")
+    if anderson < 0:
+        raise InputError(f"anderson must be >= 0, got {anderson}")
     if x0.ndim < 2:
         raise ShapeError(f"x0 must be batched (B, ...), got shape {tuple(x0.shape)}")
     if not torch.is_floating_point(x0):
@@ -138,33 +177,41 @@ def ddim_invert(eps_fn: NoiseFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
                              f"{tuple(x.shape)}")
         return e.to(x.dtype)
 
+    shape = x0.shape
     x = x0
     all_rows = torch.arange(b, device=x0.device)
     for i, (t, a_t, a_s) in enumerate(steps):
         x_s = x
-        # 1. Plain DDIM inversion: noise predicted at the known, less noisy point x_s.
-        e = eps_at(x_s, t, all_rows)
-        x = inverse_step(x_s, e, a_s, a_t)
-        # 2. Fixed-point refinement on the rows whose forward residual is still above tol.
-        c = (1.0 - a_s) ** 0.5 - (a_s / a_t) ** 0.5 * (1.0 - a_t) ** 0.5
+        # 1. Plain DDIM inversion: G(x_s), the noise predicted at the known, less noisy point.
+        g = inverse_step(x_s, eps_at(x_s, t, all_rows), a_s, a_t)
+        hist_x, hist_g = [x_s.flatten(1)], [g.flatten(1)]   # Anderson history, all rows
+        x = g
         rows = all_rows
+        # 2. Refinement x <- G(x) (Anderson-mixed) on the rows still above tol.
         for k in range(fixed_point_iters):
-            if rows.numel() == 0:
-                break
-            e_new = eps_at(x[rows], t, rows)
-            r = _rms(c * (e_new - e[rows]))  # forward residual of the current iterate
+            xr = x[rows]
+            g_new = inverse_step(x_s[rows], eps_at(xr, t, rows), a_s, a_t)
+            r = (a_s / a_t) ** 0.5 * _rms(xr - g_new)   # forward residual of xr
             residual[i, rows.cpu()] = r.cpu()
             iters[i, rows.cpu()] = k + 1
             done = r <= tol
             converged[i, rows[done].cpu()] = True
+            if anderson:
+                for h, new in ((hist_x, xr), (hist_g, g_new)):
+                    full = h[-1].clone()
+                    full[rows] = new.flatten(1)
+                    h.append(full)
+                    del h[:-(anderson + 1)]
             keep = ~done.to(rows.device)
-            rows, e_new = rows[keep], e_new[keep]
+            rows = rows[keep]
             if rows.numel() == 0:
                 break
+            if anderson:
+                x_new = anderson_mix([h[rows] for h in hist_x], [h[rows] for h in hist_g])
+            else:
+                x_new = g_new[keep]
             x = x.clone()
-            e = e.clone()
-            x[rows] = inverse_step(x_s[rows], e_new, a_s, a_t)
-            e[rows] = e_new
+            x[rows] = x_new.reshape(-1, *shape[1:])
         if callback is not None:
             callback(i, x)
     if not return_info:
@@ -221,7 +268,7 @@ class ImageInversion:
 
 def invert_images(backend: Any, images: torch.Tensor, condition: Any = None,
                   steps: int | None = None, guidance: float = 1.0, fixed_point_iters: int = 3,
-                  tol: float | None = None, batch_size: int = 16,
+                  tol: float | None = None, anderson: int = 2, batch_size: int = 16,
                   callback: Callable[..., None] | None = None) -> ImageInversion:
     """Images -> seeds for a model backend: x0 = backend.encode(images), then ``ddim_invert``
     on ``backend.timesteps(steps)`` with ``backend.noise_fn(condition, guidance)``.
@@ -252,7 +299,7 @@ def invert_images(backend: Any, images: torch.Tensor, condition: Any = None,
             device = getattr(backend, "device", torch.device("cpu"))
             z, info = ddim_invert(eps_fn, x0.to(device), alphas_cumprod, timesteps, final_alpha,
                                   fixed_point_iters=fixed_point_iters, tol=tol,
-                                  callback=step_cb, return_info=True)
+                                  anderson=anderson, callback=step_cb, return_info=True)
             seeds[idx] = z.to("cpu", torch.float32)
             x0_all[idx] = x0
             nfe[idx] = info.nfe
