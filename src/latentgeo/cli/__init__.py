@@ -28,6 +28,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("sample", "sample", "sample"),
     ("render", "render", "render"),
     ("demo", "demo", "demo"),
+    ("invert", "invert", "invert"),
     ("interpolate", "interpolate", "interpolate"),
     ("centroid", "centroid", "centroid"),
     ("stats", "stats", "stats"),
