@@ -85,10 +85,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2,
                    help="CPU data-parallel processes (1 thread each; gloo all-reduce)")
     p.add_argument("--port", type=int, default=29517)
+    p.add_argument("--resume", type=Path, default=None,
+                   help="continue from a saved pipeline folder (its EMA weights start both "
+                        "the network and the EMA); --steps counts the new steps")
+    p.add_argument("--warmup", type=int, default=200, help="linear lr warm-up steps")
     return p.parse_args()
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay from ``peak`` to ``0.1 * peak``."""
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -108,6 +112,7 @@ def save_pipeline(unet, ema, out: Path, meta: dict) -> None:
     pipe = DDIMPipeline(unet=ema_unet, scheduler=scheduler)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    tmp.chmod(0o755)
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "latentgeo.json").write_text(json.dumps(meta, indent=2) + "\n")
     if out.exists():
@@ -162,7 +167,12 @@ def train(rank: int, args: argparse.Namespace) -> None:
     y_all = split.train_labels.to(device)
     n = x_all.shape[0]
 
-    unet = UNet2DModel(**config).to(device).train()
+    if args.resume is not None:
+        unet = UNet2DModel.from_pretrained(args.resume / "unet").to(device).train()
+        previous = json.loads((args.resume / "latentgeo.json").read_text())["training"]
+    else:
+        unet = UNet2DModel(**config).to(device).train()
+        previous = None
     noise_sched = DDPMScheduler(**SCHEDULE)
     alphas_cumprod = noise_sched.alphas_cumprod.to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-4,
@@ -194,7 +204,8 @@ def train(rank: int, args: argparse.Namespace) -> None:
                 "split": (f"held out per class c: first {HELDOUT_PER_CLASS} of "
                           f"numpy.random.default_rng({HELDOUT_SEED} + c).permutation(indices "
                           "of class c); 500 held out, 4500 trained on"),
-                "train_images": int(n),
+                "train_images": int(n), "warmup": args.warmup,
+                "resumed_from": previous,
             },
         }
 
@@ -223,7 +234,7 @@ def train(rank: int, args: argparse.Namespace) -> None:
             a = alphas_cumprod[t].view(-1, 1, 1, 1)
             x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, args.steps, args.lr)
+                g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
             pred = model(x_t, t, class_labels=y).sample
             loss = torch.nn.functional.mse_loss(pred, eps)
             opt.zero_grad(set_to_none=True)

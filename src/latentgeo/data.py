@@ -94,7 +94,7 @@ def load_mnist_split() -> DigitSplit:
     zeros), labels int64 (N,). The held-out rule is in the module docstring.
     """
     x, y = _mnist_raw()
-    labels = np.asarray(y, dtype=np.int64)
+    labels = np.array(y, dtype=np.int64)  # writable copy of the cached array
     images = torch.from_numpy(np.asarray(x, dtype=np.float32).reshape(-1, 1, 28, 28) / 255.0)
     images = _pad_to_32(images).contiguous()
     held = heldout_indices(labels)
