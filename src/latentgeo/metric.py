@@ -119,6 +119,11 @@ def shell(d: int) -> _Shell:
     return _SHELLS[d]
 
 
+def _weight_np(r: np.ndarray, d: int) -> np.ndarray:
+    """w(r) = -log chi_d(r) for d >= 2 in float64 numpy (``chi.weight`` without torch)."""
+    return 0.5 * r * r - (d - 1) * np.log(r) + chi.log_norm_const(d)
+
+
 def radial_antiderivative(r, d: int) -> np.ndarray:
     """F(r) = integral_0^r w(rho) d rho in closed form (float64 numpy, any shape).
 
@@ -155,6 +160,11 @@ class PlanarSolution:
     theta: np.ndarray
     shell: _Shell
     grid: np.ndarray  # (B, M+1) grid fractions phi / theta
+    #: with ``solve_planar(..., hessian=True)``: (B, 2, 2) second derivatives of ``length`` in
+    #: (|x|, theta), and (B, M+1, 2) the derivatives of ``delta`` in (|x|, theta) at fixed
+    #: grid fractions (implicit function theorem), to predict the profile after a small move.
+    hess: np.ndarray | None = None
+    sens: np.ndarray | None = None
 
 
 def _grid(M: int) -> np.ndarray:
@@ -200,6 +210,57 @@ def _objective(D, dphi, s: _Shell, derivatives: bool):
     return C, Cp, Cq, Cpp, Cqq, Cpq
 
 
+def _tridiag_solve(diag: np.ndarray, off: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Solve B independent tridiagonal systems at once: diag (B, n), off (B, n-1) (symmetric),
+    rhs (B, n, k); one LAPACK call on the block-diagonal matrix. Returns (B, n, k)."""
+    B, n, k = rhs.shape
+    o = np.zeros((B, n))
+    o[:, :-1] = off
+    o = o.ravel()[:-1]
+    _, _, _, x, info = dgtsv(o, diag.ravel(), o, rhs.reshape(B * n, k))
+    if info != 0:  # pragma: no cover - singular Hessian (not at a strict minimum)
+        return np.full(rhs.shape, np.nan)
+    return x.reshape(B, n, k)
+
+
+def _second_derivatives(D, g, theta, s: _Shell):
+    """Second derivatives of the discrete length L(delta_a, theta) = min over the interior of
+    sum_k C_k (profiles D (B, M+1) converged on grid fractions with steps g (B, M); theta (B,)).
+
+    Envelope / implicit function theorem: with H the (tridiagonal) Hessian of L in the interior
+    values and S = -H^{-1} L_{I,p} the profile sensitivities, V_pp = L_pp + L_{p,I} S for
+    p = (delta_a, theta). Returns (L, L_a, L_b, L_t, L_aa, L_at, L_tt, S (B, M-1, 2)), all
+    float64 (L_b: derivative in delta_b).
+    """
+    dphi = theta[:, None] * g
+    C, Cp, Cq, Cpp, Cqq, Cpq = _objective(D, dphi, s, True)
+    du = np.diff(D, axis=1)
+    ell = np.sqrt(dphi * dphi + du * du)
+    Wb = C / ell
+    nodes = D[:, :-1, None] + _GS * du[..., None]
+    W1 = _w_terms(nodes, s)[1]
+    Wp = W1 @ (_GW * (1 - _GS))
+    Wq = W1 @ (_GW * _GS)
+    ct = Wb * dphi / ell                      # dC / d dphi
+    cross = Wb * dphi * du / ell**3
+    Xp = Wp * dphi / ell + cross              # d2C / dp d dphi
+    Xq = Wq * dphi / ell - cross              # d2C / dq d dphi
+    Ytt = Wb * du * du / ell**3               # d2C / d dphi^2
+    B, n = D.shape[0], D.shape[1] - 2
+    L, L_a, L_b, L_t = C.sum(1), Cp[:, 0], Cq[:, -1], (ct * g).sum(1)
+    if n <= 0:
+        S = np.zeros((B, 0, 2))
+        return L, L_a, L_b, L_t, Cpp[:, 0], Xp[:, 0] * g[:, 0], (Ytt * g * g).sum(1), S
+    rhs = np.zeros((B, n, 2))
+    rhs[:, 0, 0] = Cpq[:, 0]
+    rhs[:, :, 1] = g[:, :-1] * Xq[:, :-1] + g[:, 1:] * Xp[:, 1:]
+    S = -_tridiag_solve(Cqq[:, :-1] + Cpp[:, 1:], Cpq[:, 1:-1], rhs)
+    L_aa = Cpp[:, 0] + Cpq[:, 0] * S[:, 0, 0]
+    L_at = Xp[:, 0] * g[:, 0] + Cpq[:, 0] * S[:, 0, 1]
+    L_tt = (Ytt * g * g).sum(1) + (rhs[:, :, 1] * S[:, :, 1]).sum(1)
+    return L, L_a, L_b, L_t, L_aa, L_at, L_tt, S
+
+
 def _newton(D, dphi, s: _Shell, tol: float, max_iter: int) -> np.ndarray:
     """Minimise sum_k C_k over the interior of D (B, M+1) by damped Newton; returns D."""
     B, n = D.shape[0], D.shape[1] - 2
@@ -238,18 +299,19 @@ def _newton(D, dphi, s: _Shell, tol: float, max_iter: int) -> np.ndarray:
             step = -g / np.maximum(np.abs(Hd), 1e-300)
         dec = -(g * step).sum(1)
         done = dec <= tol * L
-        # Backtracking line search on the still-unaccepted subset; in the quadratic zone
-        # (tiny decrement) a step that changes L only by rounding is accepted as is.
+        # In the quadratic zone (decrement <= 1e-9 L: the step changes L by ~dec/2, at the
+        # level of rounding) the full Newton step is taken without evaluating L; the other rows
+        # get a backtracking line search.
         quad = dec <= 1e-9 * L
         alpha = np.ones(idx.size)
-        accepted = np.zeros(idx.size, dtype=bool)
-        todo = np.arange(idx.size)
-        for _ls in range(20):
+        accepted = quad & np.isfinite(step).all(1)
+        D[idx[accepted], 1:-1] += step[accepted]
+        todo = np.flatnonzero(~accepted)
+        for _ls in range(20 if todo.size else 0):
             trial = Da[todo].copy()
             trial[:, 1:-1] += alpha[todo, None] * step[todo]
             Lt = _objective(trial, dp[todo], s, False).sum(1)
-            ok = np.isfinite(Lt) & ((Lt <= L[todo] - 1e-4 * alpha[todo] * dec[todo])
-                                    | (quad[todo] & (Lt <= L[todo] * (1 + 1e-13))))
+            ok = np.isfinite(Lt) & (Lt <= L[todo] - 1e-4 * alpha[todo] * dec[todo])
             D[idx[todo[ok]]] = trial[ok]
             accepted[todo[ok]] = True
             todo = todo[~ok]
@@ -355,16 +417,26 @@ def _initial_path(da, db, theta, s: _Shell, M: int, n_fine: int = 128):
     return G, D
 
 
+def regrid(grid: np.ndarray, delta: np.ndarray, theta, n_grid: int):
+    """Move converged profiles (``PlanarSolution.grid`` and ``.delta``, (B, m+1)) to a grid of
+    ``n_grid`` segments adapted to their turning, for ``solve_planar(..., init=...)``: a warm
+    start on a finer grid. Returns (grid fractions, profile), both (B, n_grid + 1)."""
+    theta = np.atleast_1d(np.asarray(theta, np.float64))
+    G = _turning_grid(delta, grid, np.where(theta > 0, theta, 1.0), n_grid)
+    return G, np.stack([np.interp(G[k], grid[k], delta[k]) for k in range(len(G))])
+
+
 def solve_planar(ra, rb, theta, d: int, n_grid: int = N_GRID, tol: float = 1e-10,
-                 max_iter: int = 100, init: tuple[np.ndarray, np.ndarray] | None = None
-                 ) -> PlanarSolution:
+                 max_iter: int = 100, init: tuple[np.ndarray, np.ndarray] | None = None,
+                 hessian: bool = False) -> PlanarSolution:
     """Solve B planar NAO problems at once; ra, rb > 0 and theta in [0, pi] are (B,) arrays.
 
     The grid (n_grid segments, placed uniformly in phi plus where the initial path turns) and
     the initial path come from ``_initial_path``, or from ``init = (G, delta)`` (e.g. a previous
     solution's grid fractions and profile, to warm-start). Returns the geodesic length (the NAO
     distance: an upper bound converging as n_grid grows), its partial derivatives (envelope
-    theorem, exact for the discrete problem) and the path.
+    theorem, exact for the discrete problem) and the path; with ``hessian`` also the second
+    derivatives in (|x|, theta) and the profile sensitivities (``PlanarSolution.hess``/``sens``).
     """
     s = shell(d)
     ra, rb = np.atleast_1d(np.asarray(ra, np.float64)), np.atleast_1d(np.asarray(rb, np.float64))
@@ -375,12 +447,19 @@ def solve_planar(ra, rb, theta, d: int, n_grid: int = N_GRID, tol: float = 1e-10
     th = np.where(planar, theta, 1.0)
     Fa, Fb = radial_antiderivative(ra, d), radial_antiderivative(rb, d)
     length = np.abs(Fb - Fa)
-    d_ra = -np.sign(Fb - Fa) * chi.weight(ra, d).numpy()
-    d_rb = np.sign(Fb - Fa) * chi.weight(rb, d).numpy()
+    wa, wb = _weight_np(ra, d), _weight_np(rb, d)
+    d_ra = -np.sign(Fb - Fa) * wa
+    d_rb = np.sign(Fb - Fa) * wb
     d_theta = np.zeros(B)
     kind = np.ones(B, dtype=np.int64)
     G = np.broadcast_to(_grid(M), (B, M + 1)).copy()
     D = da[:, None] + (db - da)[:, None] * G
+    hess = sens = None
+    if hessian:  # radial segments: d2/dra2 |F(rb) - F(ra)| = -sign w'(ra); the rest set below
+        hess = np.zeros((B, 2, 2))
+        hess[:, 0, 0] = -np.sign(Fb - Fa) * (ra - (d - 1) / ra)
+        sens = np.zeros((B, M + 1, 2))
+        sens[:, :, 0] = (1 - G) / ra[:, None]
     if planar.any():
         i = np.flatnonzero(planar)
         if init is not None and init[0].shape == (B, M + 1):
@@ -391,14 +470,26 @@ def solve_planar(ra, rb, theta, d: int, n_grid: int = N_GRID, tol: float = 1e-10
         dphi = th[i, None] * np.diff(Gi, axis=1)
         Di = _newton(Di, dphi, s, tol, max_iter)
         G[i], D[i] = Gi, Di
-        C, Cp, Cq, _, _, _ = _objective(Di, dphi, s, True)
-        du = np.diff(Di, axis=1)
-        ell = np.sqrt(dphi**2 + du**2)
-        Wb = C / ell
-        length[i] = s.r0 * C.sum(1)
-        d_ra[i] = s.r0 * Cp[:, 0] / ra[i]
-        d_rb[i] = s.r0 * Cq[:, -1] / rb[i]
-        d_theta[i] = s.r0 * (Wb * dphi**2 / ell).sum(1) / th[i]
+        if hessian:
+            L, L_a, L_b, L_t, L_aa, L_at, L_tt, S = _second_derivatives(
+                Di, np.diff(Gi, axis=1), th[i], s)
+            hess[i, 0, 0] = s.r0 * (L_aa - L_a) / ra[i] ** 2
+            hess[i, 0, 1] = hess[i, 1, 0] = s.r0 * L_at / ra[i]
+            hess[i, 1, 1] = s.r0 * L_tt
+            sens[i, 0, 0] = 1.0 / ra[i]
+            sens[i, 1:-1, 0] = S[:, :, 0] / ra[i, None]
+            sens[i, 1:-1, 1] = S[:, :, 1]
+            length[i], d_ra[i], d_rb[i] = s.r0 * L, s.r0 * L_a / ra[i], s.r0 * L_b / rb[i]
+            d_theta[i] = s.r0 * L_t
+        else:
+            C, Cp, Cq, _, _, _ = _objective(Di, dphi, s, True)
+            du = np.diff(Di, axis=1)
+            ell = np.sqrt(dphi**2 + du**2)
+            Wb = C / ell
+            length[i] = s.r0 * C.sum(1)
+            d_ra[i] = s.r0 * Cp[:, 0] / ra[i]
+            d_rb[i] = s.r0 * Cq[:, -1] / rb[i]
+            d_theta[i] = s.r0 * (Wb * dphi**2 / ell).sum(1) / th[i]
         kind[i] = 0
     phi = th[:, None] * G
     # The route through the origin (w is integrable at 0): straight in, straight out.
@@ -406,12 +497,16 @@ def solve_planar(ra, rb, theta, d: int, n_grid: int = N_GRID, tol: float = 1e-10
     via0 = origin < length
     if via0.any():
         length = np.where(via0, origin, length)
-        d_ra = np.where(via0, chi.weight(ra, d).numpy(), d_ra)
-        d_rb = np.where(via0, chi.weight(rb, d).numpy(), d_rb)
+        d_ra = np.where(via0, wa, d_ra)
+        d_rb = np.where(via0, wb, d_rb)
         d_theta = np.where(via0, 0.0, d_theta)
         kind = np.where(via0, 2, kind)
+        if hessian:
+            hess[via0] = 0.0
+            hess[via0, 0, 0] = ra[via0] - (d - 1) / ra[via0]
     phi[kind == 1] = 0.0
-    return PlanarSolution(length, d_ra, d_rb, d_theta, kind, phi, D, ra, rb, theta, s, G)
+    return PlanarSolution(length, d_ra, d_rb, d_theta, kind, phi, D, ra, rb, theta, s, G,
+                          hess, sens)
 
 
 def _locate(sol: PlanarSolution, b: int, frac: np.ndarray, spacing: str):
