@@ -333,7 +333,7 @@ def nao_reference(x: torch.Tensor, weights: Sequence[float] | None = None, power
     eps_i = 2 |c_0 - x_i| / n_points from the initial c_0 = the normalised mean. Paths start on
     the segments c_0 -> x_i. Early stopping as in ``interpolation.nao_reference``. Runs on x's
     device; no printing. Returns c (x.shape[1:])."""
-    from latentgeo.interpolation import _torch_weight
+    from latentgeo.interpolation import _torch_weight, adam_until_stale
 
     x, w = _prepare(x, weights)
     if prior is None:
@@ -348,29 +348,16 @@ def nao_reference(x: torch.Tensor, weights: Sequence[float] | None = None, power
     eps = 2 * (c0[None] - flat).norm(dim=1) / n_points
     weight = _torch_weight(d)
     wt = w.to(flat.dtype)
-    opt = torch.optim.Adam([c, inner], lr=lr)
-    best, stale = math.inf, 0
-    for it in range(max_iters):
-        opt.zero_grad()
+
+    def loss_fn() -> torch.Tensor:
         path = torch.cat([c.expand(n, 1, d), inner, flat[:, None, :]], dim=1)
-        seg = path[:, 1:] - path[:, :-1]
-        seg_len = seg.norm(dim=2)
+        seg_len = (path[:, 1:] - path[:, :-1]).norm(dim=2)
         mid = (path[:, 1:] + path[:, :-1]) / 2
         L = (weight(mid.norm(dim=2)) * seg_len).sum(1) + torch.relu(seg_len - eps[:, None]).sum(1)
         loss = (wt * L**power).sum()
-        if prior:
-            loss = loss + weight(c.norm())
-        loss.backward()
-        opt.step()
-        value = float(loss.detach())
-        if callback is not None:
-            callback(it, value)
-        if value < best * (1 - rtol):
-            best, stale = value, 0
-        else:
-            stale += 1
-            if stale >= patience:
-                break
+        return loss + weight(c.norm()) if prior else loss
+
+    adam_until_stale(loss_fn, [c, inner], lr, max_iters, patience, rtol, callback)
     return c.detach().reshape(x.shape[1:])
 
 

@@ -155,15 +155,30 @@ def nao_reference(a: torch.Tensor, b: torch.Tensor, t: Sequence[float] | torch.T
     inner = ((1 - s) * af + s * bf).clone().requires_grad_(True)
     eps = 2 * float((af - bf).norm()) / n_points
     weight = _torch_weight(d)
-    opt = torch.optim.Adam([inner], lr=lr)
+    def loss_fn() -> torch.Tensor:
+        path = torch.cat([af[None], inner, bf[None]])
+        seg_len = (path[1:] - path[:-1]).norm(dim=1)
+        mid = (path[1:] + path[:-1]) / 2
+        return (weight(mid.norm(dim=1)) * seg_len).sum() + torch.relu(seg_len - eps).sum()
+
+    adam_until_stale(loss_fn, [inner], lr, max_iters, patience, rtol, callback)
+    path = torch.cat([af[None], inner.detach(), bf[None]]).to(a.dtype)
+    if return_path:
+        return path.reshape(n_points, *a.shape)
+    return resample_polyline(path, tt, NAOMetric(d)).reshape(len(tt), *a.shape)
+
+
+def adam_until_stale(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor], lr: float,
+                     max_iters: int, patience: int, rtol: float,
+                     callback: Callable[[int, float], None] | None = None) -> None:
+    """Minimise ``loss_fn()`` over ``params`` in place with Adam(lr), as the NAO paper's
+    optimisers do; stop after ``patience`` iterations without a relative improvement of
+    ``rtol``, or at ``max_iters``. ``callback(iteration, loss)`` after each step."""
+    opt = torch.optim.Adam(params, lr=lr)
     best, stale = math.inf, 0
     for it in range(max_iters):
         opt.zero_grad()
-        path = torch.cat([af[None], inner, bf[None]])
-        seg = path[1:] - path[:-1]
-        seg_len = seg.norm(dim=1)
-        mid = (path[1:] + path[:-1]) / 2
-        loss = (weight(mid.norm(dim=1)) * seg_len).sum() + torch.relu(seg_len - eps).sum()
+        loss = loss_fn()
         loss.backward()
         opt.step()
         value = float(loss.detach())
@@ -175,10 +190,6 @@ def nao_reference(a: torch.Tensor, b: torch.Tensor, t: Sequence[float] | torch.T
             stale += 1
             if stale >= patience:
                 break
-    path = torch.cat([af[None], inner.detach(), bf[None]]).to(a.dtype)
-    if return_path:
-        return path.reshape(n_points, *a.shape)
-    return resample_polyline(path, tt, NAOMetric(d)).reshape(len(tt), *a.shape)
 
 
 def _torch_weight(d: int) -> Callable[[torch.Tensor], torch.Tensor]:
