@@ -156,10 +156,16 @@ def main():
     p.add_argument("--power", type=int, default=1, choices=(1, 2),
                    help="centroid objective: 1 = paper (with prior), 2 = Frechet mean")
     p.add_argument("--ns", default="2,5,20", help="centroid set sizes, comma-separated")
+    p.add_argument("--dims", default=None,
+                   help="dimensions, comma-separated (default 1024,16384,65536; --quick: "
+                        "1024,16384)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ref_iters = args.ref_iters or (200 if args.quick else 10_000)
-    dims = [1024, 16384] if args.quick else [1024, 16384, 65536]
+    if args.dims:
+        dims = [int(v) for v in args.dims.split(",")]
+    else:
+        dims = [1024, 16384] if args.quick else [1024, 16384, 65536]
     print(f"torch threads: {torch.get_num_threads()}, reference cap: {ref_iters} iterations, "
           f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if not args.skip_interpolation:
@@ -169,7 +175,7 @@ def main():
                 "L_exact50", "L_ref50"], rows)
     if not args.skip_centroids:
         ns = [int(v) for v in args.ns.split(",")]
-        cdims = [1024, 16384] if args.quick else dims
+        cdims = [1024, 16384] if args.quick and not args.dims else dims
         rows = bench_centroids(cdims, ns, ["shell", "off"] if not args.quick else ["off"],
                                ref_iters, max(1, args.repeats // 2), args.power)
         _table(f"NAO centroid (power {args.power}): exact (span + polar Newton) vs "

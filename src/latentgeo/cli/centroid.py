@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from latentgeo.cli.common import (
+    ALL_METHODS_REFERENCE_ITERS,
     ClassLabel,
     Device,
     Dtype,
@@ -25,9 +26,6 @@ from latentgeo.cli.common import (
     print_table,
 )
 from latentgeo.cli.rendering import Render, RenderModel, RenderSteps
-
-#: Iteration cap of the paper's optimiser inside ``--all-methods`` (its default is 10,000).
-ALL_METHODS_REFERENCE_ITERS = 300
 
 
 def parse_weights(text: str | None, n: int):

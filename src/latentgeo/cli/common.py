@@ -25,6 +25,9 @@ from latentgeo.errors import LatentgeoError
 console = Console()
 err_console = Console(stderr=True)
 
+#: Iteration cap of the paper's optimisers inside ``--all-methods`` (their default is 10,000).
+ALL_METHODS_REFERENCE_ITERS = 300
+
 Output = Annotated[Path, typer.Option("--output", "-o", help="Output file (.pt/.safetensors) "
                                       "or directory (trailing '/').")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
