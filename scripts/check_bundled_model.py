@@ -9,7 +9,8 @@ Measures (all on the CPU, deterministic seeds):
 3. unconditional samples (null class, no guidance): ``--uncond`` seeds (500); fraction whose
    classifier max-probability is >= 0.9 — must be >= 80%; plus the class histogram and the
    feature Fréchet distance to the held-out digits (classifier penultimate features);
-4. optionally (``--grid``) a 10 x 10 PNG grid, row c = class c, seeds 0..9 of that class.
+4. optionally (``--grid``) a PNG grid, row c = class c (its first 10 seeds), and a last row
+   "u" of the first 10 unconditional samples.
 
 Seeds: x_T = torch.randn((N, 1, 32, 32), generator=torch.Generator().manual_seed(--seed)),
 conditional seeds first (class-major: seed i has class i // per_class), then the
@@ -66,7 +67,8 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--grid", type=Path, default=None, help="write a 10x10 sample grid PNG")
+    p.add_argument("--grid", type=Path, default=None,
+                   help="write a sample grid PNG (10 per class, then 10 unconditional)")
     p.add_argument("--json", type=Path, default=None, help="write the figures as JSON")
     args = p.parse_args()
 
@@ -151,8 +153,13 @@ def main() -> None:
         k = min(10, args.per_class)
         pick = torch.cat([torch.arange(c * args.per_class, c * args.per_class + k)
                           for c in range(10)])
-        grid = make_grid(upscale(cond_imgs[pick], 2), nrow=k, padding=2, pad_value=0.0)
-        grid = label_rows(grid, [str(c) for c in range(10)], cell_height=64, padding=2)
+        cells = [cond_imgs[pick]]
+        labels = [str(c) for c in range(10)]
+        if args.uncond >= k:
+            cells.append(unc_imgs[:k])
+            labels.append("u")
+        grid = make_grid(upscale(torch.cat(cells), 2), nrow=k, padding=2, pad_value=0.0)
+        grid = label_rows(grid, labels, cell_height=64, padding=2)
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         to_pil(grid).save(args.grid)
         print(f"grid -> {args.grid}")

@@ -25,7 +25,10 @@ def test_pipeline_folder_loads_offline(monkeypatch):
     assert cfg.sample_size == 32 and cfg.in_channels == 1 and cfg.out_channels == 1
     assert cfg.num_class_embeds == 11
     sched = pipe.scheduler.config
-    assert sched.num_train_timesteps == 1000 and sched.prediction_type == "epsilon"
+    assert sched.num_train_timesteps == 1000
+    # the scheduler and latentgeo.json agree on what the network predicts
+    meta = json.loads((DIGITS / "latentgeo.json").read_text())
+    assert sched.prediction_type == meta["prediction_type"] == "v_prediction"
     assert sched.clip_sample is False
     # one noise prediction per class label, including the null class 10
     x = torch.randn(11, 1, 32, 32, generator=torch.Generator().manual_seed(0))
