@@ -97,6 +97,13 @@ def _one_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+def _current_umask() -> int:
+    """The process umask (reading it means setting it, so set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None], force: bool = False) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
@@ -114,6 +121,8 @@ def atomic_write(path: Path, write: Callable[[Path], None], force: bool = False)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        # mkstemp creates the file 0600; give the output the mode any new file would get
+        tmp.chmod(0o666 & ~_current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
