@@ -32,12 +32,12 @@ the data order):
   written with ``save_pretrained(safe_serialization=True)``, plus ``latentgeo.json`` (class
   count, null class, default guidance and steps, pixel range, training record).
 
-Measured on the project machine (2-core AMD EPYC 7xx1, AVX2, CPU only, shared with four
-other busy jobs): the shipped run (the defaults: ``--steps 1600 --batch-size 64 --lr 1.5e-3
---workers 2``) took 2,073 s (34.5 min, 1.3 s/step); recorded in
-``latentgeo.json["training"]["seconds"]``. On a loaded 2-core machine use ``--workers 2``
-(two 1-thread processes, gloo all-reduce): one process with 2 OpenMP threads was measured
-8x slower per step under contention.
+Measured on the project machine (2-core AMD EPYC, AVX2, CPU only, nothing else running):
+the shipped run (the defaults: ``--steps 5000 --batch-size 64 --lr 1.5e-3 --p-uncond 0.5
+--workers 2 --seed 0``) took 2,560 s (42.7 min, 0.50 s/step; the per-1,000-step time drifted
+from 466 s to 560 s on the same machine); recorded in ``latentgeo.json["training"]["seconds"]``.
+Use ``--workers 2`` on a 2-core machine (two 1-thread processes, gloo all-reduce): one
+process with 2 OpenMP threads was measured 8x slower per step under contention.
 
 Usage::
 
