@@ -20,9 +20,9 @@ the data order):
   Nichol & Dhariwal (2021), which suit small images; t ~ U{0..999}. Why v and not eps: with
   eps-prediction the x0 estimate (x_t - sqrt(1 - a) eps) / sqrt(a) amplifies the network's
   error by 1 / sqrt(a) ~ 30 at the first DDIM steps of the cosine schedule, where the global
-  brightness of the digit is decided. Measured at 1,500 steps, seed 0, same everything else:
-  eps gave grey, speckled backgrounds and 34% conditional accuracy, v gave clean digits and
-  100% (10 seeds per class; ``--prediction-type epsilon`` keeps the option).
+  brightness of the digit is decided. Measured at 1,500 steps, seed 0, ``--p-uncond 0.15``,
+  same everything else: eps gave grey, speckled backgrounds and 34% conditional accuracy, v
+  gave clean digits and 100% (10 seeds per class; ``--prediction-type epsilon`` keeps eps).
   Rendering and inversion convert any prediction type to eps (``latentgeo.backend``).
 * optimiser: AdamW (lr 1.5e-3, weight decay 1e-4, betas (0.9, 0.999)), linear warm-up over
   200 steps then cosine decay to 10% of the peak, grad-norm clip 1.0. EMA of the weights
