@@ -83,12 +83,13 @@ def test_refuses_overwrite_unless_forced(tmp_path):
     assert torch.equal(load_latent(path)[0], torch.zeros(3))
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 @pytest.mark.parametrize("mask", [0o022, 0o077])
-def test_written_files_get_the_umask_mode(tmp_path, mask):
-    # the temporary file is created 0600; the output must look like any other new file
+def test_written_files_get_the_umask_mode(tmp_path, mask, suffix):
+    # the output must look like any other new file, whatever mode the writer used
     old = os.umask(mask)
     try:
-        path = save_latent(tmp_path / "z.safetensors", torch.ones(3))
+        path = save_latent(tmp_path / f"z{suffix}", torch.ones(3))
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -97,11 +97,20 @@ def _one_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def _current_umask() -> int:
-    """The process umask (reading it means setting it, so set it straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def _create_temp_beside(path: Path) -> Path:
+    """Create an empty, uniquely named hidden file next to ``path`` and return its path.
+
+    Unlike ``tempfile.mkstemp`` (always 0600) the file is created with mode 0666, so the
+    kernel applies the process umask and its mode is the one any new file gets.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{path.parent}: no free temporary file name")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], force: bool = False) -> Path:
@@ -116,13 +125,12 @@ def atomic_write(path: Path, write: Callable[[Path], None], force: bool = False)
     if path.exists() and path.is_dir():
         raise OutputExistsError(f"{path}: is a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _create_temp_beside(path)
+    mode = tmp.stat().st_mode & 0o777
     try:
         write(tmp)
-        # mkstemp creates the file 0600; give the output the mode any new file would get
-        tmp.chmod(0o666 & ~_current_umask())
+        # some writers (safetensors) recreate the file with their own mode: restore ours
+        tmp.chmod(mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
