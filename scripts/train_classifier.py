@@ -5,13 +5,20 @@ training split); the 500 held-out images are only used to report accuracy at the
 Augmentation: random affine per image — rotation U(-12, 12) degrees, scale U(0.9, 1.1),
 shift U(-2, 2) px (bilinear ``affine_grid``/``grid_sample``, zeros outside).
 Optimiser: AdamW (lr 2e-3, weight decay 5e-4), one-cycle cosine schedule, batch 64,
-``--epochs`` (10), label smoothing 0.05, seeded. Writes
+``--epochs`` (20), plain cross-entropy, seeded. Writes
 ``src/latentgeo/bundled/classifier/{config.json, model.safetensors}``; config.json records
-the held-out accuracy.
+the held-out accuracy, the fraction of held-out digits judged with max-probability >= 0.9
+(the bar the bundled model's unconditional samples are held to) and the expected
+calibration error (15 equal-width confidence bins).
+
+Why no label smoothing: smoothing by e makes the loss-optimal max-probability
+1 - e + e/10 (0.955 for e = 0.05), which put the 0.9 bar of the acceptance test just under
+the judge's ceiling; the smoothed judge rated only 87.8% of the real held-out digits
+>= 0.9 despite 98.2% accuracy, i.e. it was under-confident, not the digits ambiguous.
 
 Usage::
 
-    python scripts/train_classifier.py --epochs 10
+    python scripts/train_classifier.py
 """
 
 from __future__ import annotations
@@ -39,17 +46,22 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--out", type=Path, default=Path("src/latentgeo/bundled/classifier"))
     args = p.parse_args()
 
     from rich.progress import Progress
 
-    from latentgeo.classifier import DigitClassifier, save_classifier
+    from latentgeo.classifier import (
+        DigitClassifier,
+        expected_calibration_error,
+        save_classifier,
+    )
     from latentgeo.data import load_mnist_split
 
     torch.set_num_threads(args.threads)
@@ -71,7 +83,8 @@ def main() -> None:
             for i in range(per_epoch):
                 idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
                 logits = model(augment(x[idx], gen))
-                loss = torch.nn.functional.cross_entropy(logits, y[idx], label_smoothing=0.05)
+                loss = torch.nn.functional.cross_entropy(logits, y[idx],
+                                                       label_smoothing=args.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -80,14 +93,23 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     model.eval()
     with torch.no_grad():
-        acc = (model(split.heldout_images).argmax(1) == split.heldout_labels).float().mean()
+        prob = model(split.heldout_images).softmax(1)
         train_acc = (model(x).argmax(1) == y).float().mean()
+    conf, pred = prob.max(1)
+    correct = (pred == split.heldout_labels).float()
+    acc = correct.mean()
+    confident = (conf >= 0.9).float().mean()
+    ece = expected_calibration_error(conf, correct)
     extra = {"heldout_accuracy": round(float(acc), 4), "train_accuracy": round(float(train_acc), 4),
+             "heldout_maxprob_ge_0.9": round(float(confident), 4),
+             "heldout_ece": round(ece, 4),
              "training": {"script": "scripts/train_classifier.py", "seed": args.seed,
                           "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                          "label_smoothing": args.label_smoothing,
                           "seconds": round(seconds, 1), "train_images": len(x)}}
     save_classifier(model, args.out, extra)
     print(f"held-out accuracy {float(acc):.4f} (train {float(train_acc):.4f}), "
+          f"max-prob >= 0.9 on {float(confident):.1%} of held-out, ECE {ece:.4f}, "
           f"{seconds:.0f} s -> {args.out}")
 
 

@@ -63,6 +63,24 @@ class DigitClassifier(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
 
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor,
+                               bins: int = 15) -> float:
+    """Expected calibration error (Guo et al. 2017, eq. 3) with ``bins`` equal-width
+    confidence bins: sum_b |B_b| / N * |acc(B_b) - conf(B_b)|.
+
+    confidence: (N,) predicted max-probabilities in [0, 1]; correct: (N,) 0/1 (or bool).
+    """
+    conf = confidence.detach().double().flatten()
+    hit = correct.detach().double().flatten()
+    if conf.shape != hit.shape or conf.numel() == 0:
+        raise ShapeError(f"confidence {tuple(confidence.shape)} and correct "
+                         f"{tuple(correct.shape)} must be the same non-empty shape")
+    which = (conf * bins).long().clamp(0, bins - 1)
+    # |B_b| (acc_b - conf_b) is the per-bin sum of (hit - conf)
+    gap = torch.bincount(which, hit - conf, minlength=bins).abs()
+    return float(gap.sum() / conf.numel())
+
+
 def load_classifier(device: str | torch.device = "cpu",
                     path: str | Path | None = None) -> DigitClassifier:
     """Load the shipped classifier (or one saved at ``path``) in eval mode on ``device``."""
