@@ -30,6 +30,8 @@ def test_pipeline_folder_loads_offline(monkeypatch):
     meta = json.loads((DIGITS / "latentgeo.json").read_text())
     assert sched.prediction_type == meta["prediction_type"] == "v_prediction"
     assert sched.clip_sample is False
+    # the sampling grid starts at t = 999, the pure-noise end (scripts/train_bundled_model.py)
+    assert sched.timestep_spacing == "trailing" and sched.set_alpha_to_one is True
     # one noise prediction per class label, including the null class 10
     x = torch.randn(11, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -91,3 +93,39 @@ def test_classifier_missing_folder(tmp_path):
 
     with pytest.raises(ModelError, match="cannot load the digit classifier"):
         load_classifier(path=tmp_path)
+
+
+def test_classifier_is_confident_on_real_digits(classifier):
+    """The judge must clear the 0.9 max-probability bar (the unconditional acceptance test)
+    on real held-out digits, and be calibrated: a label-smoothed judge capped its confidence
+    near 0.955 and rated only 87.8% of real digits >= 0.9."""
+    from latentgeo.classifier import expected_calibration_error
+    from latentgeo.data import load_mnist_split
+
+    split = load_mnist_split()
+    with torch.no_grad():
+        prob = classifier(split.heldout_images).softmax(1)
+    conf, pred = prob.max(1)
+    assert float((conf >= 0.9).float().mean()) >= 0.95
+    assert expected_calibration_error(conf, pred == split.heldout_labels) <= 0.03
+
+
+def test_expected_calibration_error_against_a_loop():
+    from latentgeo.classifier import expected_calibration_error
+
+    gen = torch.Generator().manual_seed(0)
+    conf = torch.rand(1000, generator=gen)
+    correct = torch.rand(1000, generator=gen) < conf  # calibrated by construction
+    brute = 0.0
+    for b in range(15):
+        inside = (conf >= b / 15) & ((conf < (b + 1) / 15) if b < 14 else (conf <= 1))
+        if inside.any():
+            brute += float(inside.float().mean()
+                           * (correct[inside].float().mean() - conf[inside].mean()).abs())
+    assert expected_calibration_error(conf, correct) == pytest.approx(brute, abs=1e-6)
+    assert expected_calibration_error(conf, correct) < 0.05
+    # always confident, right half the time: ECE = 1 - 0.5
+    ones = torch.ones(10)
+    assert expected_calibration_error(ones, torch.arange(10) % 2 == 0) == pytest.approx(0.5)
+    with pytest.raises(Exception, match="same non-empty shape"):
+        expected_calibration_error(ones, torch.ones(3))
