@@ -44,7 +44,7 @@ the shipped run (the defaults: ``--steps 6000 --batch-size 64 --lr 1.5e-3 --p-un
 ``latentgeo.json["training"]["seconds"]``. The same machine has run the 3-level loop at
 0.47-0.56 s/step on another day (the previous 5,000-step model took 42.7 min; 0.29 s/step
 today): the 40-minute budget holds with ~25% headroom at today's speed, and would not at that
-day's (~57 min for this run). Why four levels (16, 32, 64, 96): the 3-level net (16, 32, 64)
+day's (55-60 min for this run). Why four levels (16, 32, 64, 96): the 3-level net (16, 32, 64)
 at 6,500 steps (31 min) reached 80.6% unconditional samples >= 0.9, the same as at 5,000
 steps; the extra 4x4 level adds global context for 14% more time per step and reached 81.6%
 in 6,000 steps, with a lower feature FD (3.36 vs 3.54 unconditional, 1.81 vs 2.12
