@@ -66,8 +66,8 @@ class DigitClassifier(nn.Module):
 def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor,
                                bins: int = 15) -> float:
     """Expected calibration error (Guo et al. 2017, "On calibration of modern neural
-    networks") with ``bins`` equal-width
-    confidence bins: sum_b |B_b| / N * |acc(B_b) - conf(B_b)|.
+    networks") over ``bins`` equal-width confidence bins: sum_b |B_b| / N * |acc(B_b) -
+    conf(B_b)|.
 
     confidence: (N,) predicted max-probabilities in [0, 1]; correct: (N,) 0/1 (or bool).
     """
