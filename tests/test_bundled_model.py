@@ -112,6 +112,7 @@ def test_classifier_is_confident_on_real_digits(classifier):
 
 def test_expected_calibration_error_against_a_loop():
     from latentgeo.classifier import expected_calibration_error
+    from latentgeo.errors import ShapeError
 
     gen = torch.Generator().manual_seed(0)
     conf = torch.rand(1000, generator=gen)
@@ -127,5 +128,5 @@ def test_expected_calibration_error_against_a_loop():
     # always confident, right half the time: ECE = 1 - 0.5
     ones = torch.ones(10)
     assert expected_calibration_error(ones, torch.arange(10) % 2 == 0) == pytest.approx(0.5)
-    with pytest.raises(Exception, match="same non-empty shape"):
+    with pytest.raises(ShapeError, match="same non-empty shape"):
         expected_calibration_error(ones, torch.ones(3))
