@@ -25,9 +25,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from latentgeo.backend import load_model
+from latentgeo.chi import norm_z_scores
 from latentgeo.data import load_mnist_split, load_sklearn_digits_32
-from latentgeo.inversion import check_roundtrip, chi_zscore, invert_images
+from latentgeo.diffusion import load_model
+from latentgeo.diffusion.inversion import check_roundtrip, invert_images
 
 
 def run_method(backend, images, steps, k, batch_size, condition):
@@ -45,7 +46,7 @@ def run_method(backend, images, steps, k, batch_size, condition):
         "rmse_max": float(trip.latent_rmse.max()),
         "psnr": float(trip.psnr[finite].mean()) if finite.any() else float("inf"),
         "psnr_min": float(trip.psnr.min()),
-        "z": float(chi_zscore(inv.seeds).mean()),
+        "z": float(norm_z_scores(inv.seeds).mean()),
     }
 
 

@@ -1,7 +1,7 @@
 """Rendering speed: 16 seeds with the bundled model at 50 DDIM steps (target < 10 s on CPU).
 
 Measured side by side in one run on the same seeds and network:
-* ``latentgeo render`` path (our DDIM loop, ``latentgeo.backend.render``), unconditional and
+* ``latentgeo render`` path (our DDIM loop, ``latentgeo.diffusion.render``), unconditional and
   class-conditional with classifier-free guidance (the guided batch is twice as large);
 * diffusers' own ``DDIMScheduler.step`` loop over the same UNet (unconditional), as the anchor.
 
@@ -40,7 +40,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from latentgeo.backend import load_model, render
+    from latentgeo.diffusion import load_model, render
     from latentgeo.sampling import sample_seeds
 
     backend = load_model(args.model, args.device)

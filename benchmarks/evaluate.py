@@ -33,15 +33,15 @@ import numpy as np
 import torch
 
 from latentgeo import chi
-from latentgeo.backend import load_model, render
 from latentgeo.centroids import CENTROIDS
 from latentgeo.classifier import load_classifier
 from latentgeo.data import load_mnist_split
+from latentgeo.diffusion import load_model, render
+from latentgeo.diffusion.inversion import invert_images, psnr
 from latentgeo.evaluation import bootstrap_interval, frechet_distance, wilson_interval
 from latentgeo.gaussianity import gaussianity_stats
 from latentgeo.images import label_rows, make_grid, save_image, upscale
 from latentgeo.interpolation import INTERPOLATORS
-from latentgeo.inversion import invert_images, psnr
 from latentgeo.reprojection import reproject
 
 CENTROID_METHODS = ("euclidean", "normalized", "cog", "spherical", "nao", "nao+reproject")

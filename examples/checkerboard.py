@@ -55,7 +55,7 @@ def main() -> None:
 
 def _render(z, results, out: Path) -> None:
     try:
-        from latentgeo.backend import load_model, render
+        from latentgeo.diffusion import load_model, render
         from latentgeo.images import make_grid, to_pil
     except ImportError as e:
         print(f"rendering skipped: {e}")

@@ -16,7 +16,7 @@ Measures (all on the CPU, deterministic seeds):
 Seeds: x_T = torch.randn((N, 1, 32, 32), generator=torch.Generator().manual_seed(--seed)),
 conditional seeds first (class-major: seed i has class i // per_class), then the
 unconditional ones from a second generator seeded ``--seed + 1``.
-Renders go through ``latentgeo.backend.render`` (the shipped sampler), split over
+Renders go through ``latentgeo.diffusion.render`` (the shipped sampler), split over
 ``--workers`` processes of one thread each.
 
     python scripts/check_bundled_model.py --grid docs/bundled_samples.png --json out.json
@@ -36,7 +36,7 @@ import torch
 def _render_chunk(job: tuple) -> torch.Tensor:
     model, seeds, labels, steps, guidance, threads = job
     torch.set_num_threads(threads)
-    from latentgeo.backend import load_model, render
+    from latentgeo.diffusion import load_model, render
 
     backend = load_model(model)
     cond = None if labels is None else [int(c) for c in labels]
@@ -76,9 +76,9 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from latentgeo.backend import load_model
     from latentgeo.classifier import load_classifier
     from latentgeo.data import load_mnist_split
+    from latentgeo.diffusion import load_model
     from latentgeo.evaluation import frechet_distance, wilson_interval
 
     torch.set_num_threads(1)

@@ -24,7 +24,7 @@ the data order):
   brightness of the digit is decided. Measured at 1,500 steps, seed 0, ``--p-uncond 0.15``,
   same everything else: eps gave grey, speckled backgrounds and 34% conditional accuracy, v
   gave clean digits and 100% (10 seeds per class; ``--prediction-type epsilon`` keeps eps).
-  Rendering and inversion convert any prediction type to eps (``latentgeo.backend``).
+  Rendering and inversion convert any prediction type to eps (``latentgeo.diffusion.grid``).
 * optimiser: AdamW (lr 1.5e-3, weight decay 1e-4, betas (0.9, 0.999)), linear warm-up over
   200 steps then cosine decay to 10% of the peak, grad-norm clip 1.0. EMA of the weights
   (``diffusers.training_utils.EMAModel``, decay up to 0.999 with warm-up) is what gets saved.

@@ -61,8 +61,8 @@ def digit_png(path, size=16, seed=0, mode="L"):
 
 def test_invert_images_round_trips_tiny_sd(sd_model):
     """Tiny SD: VAE encode -> fixed-point inversion -> our DDIM sampler -> back to x0."""
-    from latentgeo.backend import load_model
-    from latentgeo.inversion import check_roundtrip, invert_images
+    from latentgeo.diffusion import load_model
+    from latentgeo.diffusion.inversion import check_roundtrip, invert_images
 
     backend = load_model(str(sd_model))
     g = torch.Generator().manual_seed(0)
@@ -78,8 +78,8 @@ def test_invert_images_round_trips_tiny_sd(sd_model):
     # Pixel PSNR is capped by the (random, untrained) VAE: compare with decode(encode(x)).
     cap = (backend.decode(fixed.x0) - images).pow(2).flatten(1).mean(1)
     torch.testing.assert_close(10 * torch.log10(1 / cap.double()), trip.psnr, atol=0.05, rtol=0)
-    # The renderer (latentgeo.backend.render) maps the seeds to the same images.
-    from latentgeo.backend import render
+    # The renderer (latentgeo.diffusion.render) maps the seeds to the same images.
+    from latentgeo.diffusion import render
     out = render(backend, fixed.seeds, condition="a dog", steps=5, guidance=1.0)
     torch.testing.assert_close(out, trip.images, atol=1e-5, rtol=0)
 
@@ -89,8 +89,8 @@ def backend_image_shape(backend):
 
 
 def test_per_image_classes_equal_separate_calls(pixel_model):
-    from latentgeo.backend import load_model
-    from latentgeo.inversion import invert_images
+    from latentgeo.diffusion import load_model
+    from latentgeo.diffusion.inversion import invert_images
 
     backend = load_model(str(pixel_model))
     images = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))

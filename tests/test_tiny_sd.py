@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latentgeo.backend import load_model, render
+from latentgeo.diffusion import load_model, render
 from latentgeo.io import save_latent
 from tests.conftest import assert_one_line_error
 from tests.tiny_sd import TINY_SD_IMAGE, TINY_SD_LATENT, tiny_sd_path

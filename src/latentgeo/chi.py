@@ -93,3 +93,13 @@ def quantile(q, d: int) -> torch.Tensor:
 def z_score(r, d: int) -> torch.Tensor:
     """(r - mean) / std: how many standard deviations a norm is from the chi mean."""
     return (_as64(r) - mean(d)) / math.sqrt(variance(d))
+
+
+def norm_z_scores(x: torch.Tensor) -> torch.Tensor:
+    """Per row of x (B, ...): z_score(|x_i|, d) with d = numel of one row; float64 (B,).
+
+    How far each seed's norm is from the chi(d) mean of an N(0, I_d) seed, in standard
+    deviations (norms taken in float64, so large float32 latents do not overflow).
+    """
+    d = x[0].numel()
+    return z_score(x.detach().flatten(1).to(torch.float64).norm(dim=1), d)

@@ -45,8 +45,8 @@ def demo(
     import torch
 
     from latentgeo import chi
-    from latentgeo.backend import load_model
     from latentgeo.cli.rendering import check_targets, render_images, view_scale
+    from latentgeo.diffusion import load_model
     from latentgeo.images import label_rows, make_grid, save_gif, save_image, upscale
     from latentgeo.sampling import sample_seeds
 

@@ -116,10 +116,11 @@ def invert(
     import torch
 
     from latentgeo import __version__
-    from latentgeo.backend import load_model
+    from latentgeo.chi import norm_z_scores
     from latentgeo.cli.rendering import condition_from
+    from latentgeo.diffusion import load_model
+    from latentgeo.diffusion.inversion import check_roundtrip, invert_images
     from latentgeo.images import load_image
-    from latentgeo.inversion import check_roundtrip, chi_zscore, invert_images
     from latentgeo.io import output_is_dir, save_latent
 
     if fmt not in ("safetensors", "pt"):
@@ -171,7 +172,7 @@ def invert(
                                    batch_size=batch_size, callback=advance)
 
     method = "ddim" if fixed_point == 0 else f"ddim-fixed-point-{fixed_point}"
-    meta = {"model": backend.name, "kind": backend.kind, "steps": str(n_steps),
+    meta = {"model": backend.name, "family": backend.family, "steps": str(n_steps),
             "guidance": str(guidance), "method": method, "fixed_point_iters": str(fixed_point),
             "anderson": str(anderson),
             "tol": str(tol if tol is not None else 1e-5), "latentgeo": __version__}
@@ -187,7 +188,7 @@ def invert(
         sources = _json.dumps([str(g[0]) for g in good])
         written = [save_latent(output, result.seeds, {**meta, "source": sources}, force=force)]
 
-    z = chi_zscore(result.seeds)
+    z = norm_z_scores(result.seeds)
     norms = result.seeds.flatten(1).norm(dim=1)
     rows = []
     for i, (p, _name, _target, _) in enumerate(good):

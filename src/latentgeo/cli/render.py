@@ -77,8 +77,8 @@ def render(
     The bundled digit model takes --class 0-9 (default: unconditional); Stable Diffusion
     pipelines take --prompt. Same seed and settings give the same image, bit for bit on CPU.
     """
-    from latentgeo.backend import load_model
     from latentgeo.cli.rendering import check_targets, condition_from, render_to
+    from latentgeo.diffusion import load_model
 
     out = Path(output)
     if out.exists() and not out.is_dir():

@@ -21,11 +21,23 @@ BatchSize = Annotated[int, typer.Option("--batch-size", min=1,
 
 
 def condition_from(backend: Any, prompt: str | None, class_label: int | None) -> Any:
-    """The backend condition for --prompt / --class (both None: unconditional)."""
+    """The backend condition for --prompt / --class (both None: unconditional); the library's
+    refusal reworded with the flag the user typed."""
     if prompt is not None and class_label is not None:
         raise InputError("give --prompt or --class, not both")
+    if prompt is not None and backend.conditioning != "text":
+        raise InputError(f"--prompt: {backend.name} is not a text-to-image model"
+                         + (" (use --class)" if backend.conditioning == "class" else ""))
+    if class_label is not None and backend.conditioning != "class":
+        raise InputError(f"--class: {backend.name} takes no class"
+                         + (" (use --prompt, not --class)" if backend.conditioning == "text"
+                            else ""))
     condition = prompt if prompt is not None else class_label
-    backend.check_condition(condition)
+    try:
+        backend.check_condition(condition)
+    except InputError as e:
+        raise InputError(f"--class {class_label}: {e}" if class_label is not None else str(e)) \
+            from None
     return condition
 
 
@@ -33,8 +45,8 @@ def render_images(backend: Any, latents: torch.Tensor, condition: Any = None,
                   steps: int | None = None, guidance: float | None = None,
                   batch_size: int = 16, quiet: bool = False) -> torch.Tensor:
     """Render (N, *latent_shape) with a Rich progress bar on stderr; returns (N, C, H, W)."""
-    from latentgeo.backend import num_batches, render
     from latentgeo.cli.common import progress_bar
+    from latentgeo.diffusion.render import num_batches, render
 
     seeds = backend.check_seeds(latents)
     n_steps = backend.default_steps if steps is None else int(steps)
@@ -74,7 +86,8 @@ def render_to(out_dir: str | Path, latents: torch.Tensor, names: Sequence[str],
     checked before anything is written. Returns {"images": [...], "strip": ..., "gif": ...,
     "grid": ..., "model": name, "steps": n, "guidance": g}.
     """
-    from latentgeo.backend import Backend, load_model
+    from latentgeo.diffusion import load_model
+    from latentgeo.diffusion.backends.base import Backend
     from latentgeo.images import make_grid, save_gif, save_image, upscale
 
     out = Path(out_dir)
@@ -170,7 +183,7 @@ def prepare_render(out: Path | None, shape: Sequence[int], names: Sequence[str],
     """Validate a ``--render`` request (None when ``out`` is None) before anything is written:
     the model loads, the condition fits it, latents of ``shape`` are its seeds, and none of
     ``NAME.png`` (plus strip.png/path.gif, grid.png) exists unless ``force``."""
-    from latentgeo.backend import load_model
+    from latentgeo.diffusion import load_model
     from latentgeo.errors import ShapeError
 
     if out is None:

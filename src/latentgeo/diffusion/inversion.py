@@ -1,49 +1,51 @@
-"""DDIM inversion: the seed x_T that ``latentgeo.ddim.ddim_sample`` maps back to a given x_0.
+"""Inversion: the seed x_T that :func:`latentgeo.diffusion.sampler.sample` maps back to x_0.
 
-One deterministic DDIM step (Song et al. 2021, Eq. 12 with sigma = 0) from noise level a_t down
-to a_s reads, with e = eps(x_t, t),
+Every deterministic step of a grid (:mod:`latentgeo.diffusion.grid`) reads
 
-    x_s = f(x_t, e) = sqrt(a_s / a_t) (x_t - sqrt(1 - a_t) e) + sqrt(1 - a_s) e.
+    x_dst = f(x, out) = A x + B out,      out = model(x, t),
 
-It is affine in x_t for a fixed e, so for a known x_s the exact inverse step is the solution of
+with float64 scalars A > 0 and B (DDIM eta = 0 for variance-preserving models, Song et al. 2021,
+Eq. 12; Euler for flow matching, where A = 1 and B = s' - s). It is affine in x for a fixed
+``out``, so for a known x_dst the exact inverse step is the solution of
 
-    x_t = g(x_s, eps(x_t, t)),
-    g(x_s, e) = sqrt(a_t / a_s) (x_s - sqrt(1 - a_s) e) + sqrt(1 - a_t) e,
+    x = G(x) := (x_dst - B model(x, t)) / A,
 
 an implicit equation because the network must be evaluated at the *unknown* noisier point.
 
-* **Plain DDIM inversion** (Dhariwal & Nichol 2021, App. F; Song et al. 2021, Eq. 13) replaces
-  eps(x_t, t) by eps(x_s, t): one network call per step, but each step is off by
-  c (eps(x_t) - eps(x_s)), and the round trip drifts.
+* **Plain inversion** evaluates the network at the known, less noisy point instead and applies
+  the step with the levels swapped: x ~ A' x_dst + B' model(x_dst, t'), where (A', B') step
+  from dst to src, forming x0/eps (or v) at x_dst's own level. For VP models t' = t, exactly
+  diffusers' ``DDIMInverseScheduler`` (Dhariwal & Nichol 2021, App. F; Song et al. 2021, Eq. 13);
+  for flow models t' is dst's own time (forward Euler run backwards). One network call per
+  step; each step is off by B (out(x) - out(x_dst)), and the round trip drifts.
 * **Fixed-point inversion** (Pan et al. 2023, "Effective real image editing with accelerated
   iterative diffusion inversion", Eq. 6; Garibi et al. 2024, ReNoise) starts from the plain
-  estimate and iterates x_t <- g(x_s, eps(x_t, t)). At convergence the forward step
-  f(x_t, eps(x_t, t)) reproduces x_s exactly, so the sampler maps the seed back to x_0.
+  estimate and iterates x <- G(x). At convergence the forward step reproduces x_dst exactly, so
+  the sampler maps the seed back to x_0.
 
 The forward residual of an iterate costs no extra network call beyond the one that refines it:
 
-    f(x, eps(x)) - x_s = sqrt(a_s / a_t) (x - G(x)),   G(x) = g(x_s, eps(x, t)).
+    f(x, model(x)) - x_dst = A (x - G(x)).
 
 Iterations stop per sample once its RMS residual is <= ``tol``; converged samples leave the
 batch, so they cost no further network calls. The iteration x <- G(x) is accelerated by
 Anderson mixing (Walker & Ni 2011; as in Pan et al. 2023) over the last few iterates, the plain
-estimate's G(x_s) included, so the first refinement already extrapolates.
+estimate's G(x_dst) included, so the first refinement already extrapolates.
 
-``invert_images`` wraps the core for a model backend (``latentgeo.backend.Backend``, used only
-through its methods: ``encode``, ``decode``, ``timesteps``, ``noise_fn``); this module imports
-no diffusers.
+``invert_images`` wraps the core for a model backend (:mod:`latentgeo.diffusion.backends`, used
+only through ``encode``, ``decode``, ``grid``, ``model_fn``); the core imports no diffusers.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from latentgeo.ddim import NoiseFn, ddim_alphas, ddim_sample
+from latentgeo.diffusion.grid import Grid, estimate_coefficients, step_coefficients
+from latentgeo.diffusion.sampler import ModelFn, sample
 from latentgeo.errors import InputError, ShapeError
 
 #: Default fixed-point tolerance on the per-sample RMS forward residual, keyed by dtype.
@@ -52,11 +54,12 @@ TOL: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 @dataclass
 class InversionInfo:
-    """Diagnostics of one ``ddim_invert`` call (B samples, S steps, in inversion order).
+    """Diagnostics of one :func:`invert` call (B samples, S steps, in inversion order, i.e.
+    index 0 is the grid's *last* step, the one next to the clean data).
 
     nfe:       int64 (B,), network evaluations spent on each sample.
-    calls:     number of ``eps_fn`` calls (each on the still-active rows of the batch).
-    residual:  float64 (S, B), RMS forward residual |f(x_t, eps(x_t)) - x_s| / sqrt(D) of the
+    calls:     number of model calls (each on the still-active rows of the batch).
+    residual:  float64 (S, B), RMS forward residual |f(x, out(x)) - x_dst| / sqrt(D) of the
                last *measured* iterate of each step (NaN where none was measured, i.e. for plain
                inversion). Where the step converged, that iterate is the one returned; otherwise
                the returned iterate is one (unmeasured) update newer.
@@ -73,18 +76,9 @@ class InversionInfo:
 
     @property
     def max_residual(self) -> torch.Tensor:
-        """float64 (B,): worst measured step residual per sample (NaN-free where measured)."""
+        """float64 (B,): worst measured step residual per sample (0 where none measured)."""
         r = torch.nan_to_num(self.residual, nan=0.0)
         return r.max(dim=0).values
-
-
-def inverse_step(x_s: torch.Tensor, eps: torch.Tensor, a_s: float, a_t: float) -> torch.Tensor:
-    """g(x_s, e): the x_t for which the DDIM step a_t -> a_s with noise ``eps`` lands on x_s.
-
-    Shapes as ``x_s``; the algebraic inverse of ``ddim_step`` for a fixed ``eps``
-    (Song et al. 2021, Eq. 12 solved for x_t).
-    """
-    return (a_t / a_s) ** 0.5 * (x_s - (1.0 - a_s) ** 0.5 * eps) + (1.0 - a_t) ** 0.5 * eps
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -119,33 +113,29 @@ def anderson_mix(xs: list[torch.Tensor], gs: list[torch.Tensor]) -> torch.Tensor
 
 
 @torch.no_grad()
-def ddim_invert(eps_fn: NoiseFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
-                timesteps: Sequence[int], final_alpha_cumprod: float,
-                fixed_point_iters: int = 3, tol: float | None = None,
-                callback: Callable[[int, torch.Tensor], None] | None = None,
-                anderson: int = 2,
-                return_info: bool = False) -> torch.Tensor | tuple[torch.Tensor, InversionInfo]:
-    """Invert ``ddim_sample`` on the same grid: the seed x_T with ddim_sample(x_T) = x0.
+def invert(model: ModelFn, x0: torch.Tensor, grid: Grid, fixed_point_iters: int = 3,
+           tol: float | None = None, callback: Callable[[int, torch.Tensor], None] | None = None,
+           anderson: int = 2, return_info: bool = False
+           ) -> torch.Tensor | tuple[torch.Tensor, InversionInfo]:
+    """Invert :func:`~latentgeo.diffusion.sampler.sample` on ``grid``: the seed x_T with
+    sample(model, x_T, grid) = x0.
 
-    Each inverse step a_s -> a_t solves x_t = G(x_t) := g(x_s, eps(x_t, t)) (the implicit
-    inverse of Song et al. 2021, Eq. 12): the plain DDIM estimate G(x_s) first, then up to
-    ``fixed_point_iters`` refinements, each one network call, stopping per sample once the
-    forward residual f(x_t, eps(x_t)) - x_s = sqrt(a_s / a_t) (x_t - G(x_t)) has RMS <= tol.
+    Each inverse step solves x = G(x) := (x_dst - B model(x, t)) / A (module docstring): the
+    plain estimate first, then up to ``fixed_point_iters`` refinements, each one network call,
+    stopping per sample once the forward residual A (x - G(x)) has RMS <= tol.
 
     Args:
-        eps_fn: eps_fn(x_t (b, *shape), t int) -> eps (b, *shape); called on subsets of the
-            batch (rows are independent), so it must not depend on the batch composition.
-        x0: (B, *shape) float32 or float64, the clean latents (noise level final_alpha_cumprod).
-        alphas_cumprod, timesteps, final_alpha_cumprod: exactly what ``ddim_sample`` gets;
-            ``timesteps`` descending.
-        fixed_point_iters: extra network calls per step refining x_t (Pan et al. 2023, Eq. 6);
-            0 is plain DDIM inversion (eps evaluated at x_s, one call per step).
-        tol: per-sample RMS forward residual at which refinement stops
-            (default ``TOL[dtype]``).
+        model: model(x (b, *shape), t) -> raw output (b, *shape); called on subsets of the batch
+            (rows are independent), so it must not depend on the batch composition.
+        x0: (B, *shape) float32 or float64, the clean latents (the grid's final level).
+        grid: exactly the grid rendering uses.
+        fixed_point_iters: extra network calls per step refining x (Pan et al. 2023, Eq. 6);
+            0 is plain inversion (one call per step).
+        tol: per-sample RMS forward residual at which refinement stops (default ``TOL[dtype]``).
         callback: ``callback(i, x)`` after each inverse step i = 0..S-1 (x: (B, *shape)).
         anderson: Anderson acceleration depth m (``anderson_mix`` over the last m + 1 iterates,
-            the plain estimate's G(x_s) included); 0 = Picard iteration x <- G(x).
-        return_info: also return an ``InversionInfo``.
+            the plain estimate's G(x_dst) included); 0 = Picard iteration x <- G(x).
+        return_info: also return an :class:`InversionInfo`.
 
     Returns:
         seeds (B, *shape) in x0's dtype, or ``(seeds, info)``. Deterministic.
@@ -159,43 +149,67 @@ def ddim_invert(eps_fn: NoiseFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
     if not torch.is_floating_point(x0):
         raise InputError(f"x0 has dtype {x0.dtype}, expected float32 or float64")
     tol = TOL.get(x0.dtype, TOL[torch.float32]) if tol is None else float(tol)
-    steps = list(reversed(ddim_alphas(alphas_cumprod, timesteps, final_alpha_cumprod)))
-    b, n_steps = x0.shape[0], len(steps)
+    # What the fixed point holds constant: the raw output, except for x0-prediction, whose
+    # map x -> out(x) is near the identity at low noise, so holding it makes G expansive;
+    # there the noise estimate eps = c3 x + c4 out is held instead (the same step, rewritten).
+    held = "epsilon" if grid.prediction == "sample" else grid.prediction
+
+    def to_held(out: torch.Tensor, x: torch.Tensor, level: tuple[float, float]) -> torch.Tensor:
+        if held == grid.prediction:
+            return out
+        _, _, c3, c4 = estimate_coefficients(grid.prediction, *level)
+        return c3 * x + c4 * out
+
+    if any(step_coefficients(held, grid.src[i], grid.dst[i])[0] <= 0.0
+           for i in range(len(grid))):
+        raise InputError("this grid cannot be inverted: one of its steps ignores its input")
+    b, n_steps = x0.shape[0], len(grid)
     nfe = torch.zeros(b, dtype=torch.int64)
     residual = torch.full((n_steps, b), float("nan"), dtype=torch.float64)
     iters = torch.zeros((n_steps, b), dtype=torch.int64)
     converged = torch.zeros((n_steps, b), dtype=torch.bool)
     calls = 0
 
-    def eps_at(x: torch.Tensor, t: int, rows: torch.Tensor) -> torch.Tensor:
+    def out_at(x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         nonlocal calls
         calls += 1
         nfe[rows.cpu()] += 1
-        e = eps_fn(x, t)
-        if e.shape != x.shape:
-            raise ShapeError(f"eps_fn returned shape {tuple(e.shape)} for input "
+        out = model(x, t)
+        if out.shape != x.shape:
+            raise ShapeError(f"model returned shape {tuple(out.shape)} for input "
                              f"{tuple(x.shape)}")
-        return e.to(x.dtype)
+        return out.to(x.dtype)
 
     shape = x0.shape
     x = x0
     all_rows = torch.arange(b, device=x0.device)
-    for i, (t, a_t, a_s) in enumerate(steps):
-        x_s = x
-        # 1. Plain DDIM inversion: G(x_s), the noise predicted at the known, less noisy point.
-        g = inverse_step(x_s, eps_at(x_s, t, all_rows), a_s, a_t)
-        hist_x, hist_g = [x_s.flatten(1)], [g.flatten(1)]   # Anderson history, all rows
+    for k, i in enumerate(reversed(range(n_steps))):
+        x_dst = x
+        t = grid.timesteps[i]
+        src, dst = grid.src[i], grid.dst[i]
+        a, bb = step_coefficients(held, src, dst)
+        a_plain, b_plain = step_coefficients(held, dst, src)
+
+        def G(x_rows: torch.Tensor, rows: torch.Tensor, t: torch.Tensor = t, a: float = a,
+              bb: float = bb, x_dst: torch.Tensor = x_dst,
+              src: tuple[float, float] = src) -> torch.Tensor:
+            return (x_dst[rows] - bb * to_held(out_at(x_rows, t, rows), x_rows, src)) / a
+
+        # 1. Plain inversion: the output at the known, less noisy point, stepped dst -> src.
+        g = a_plain * x_dst + b_plain * to_held(out_at(x_dst, grid.plain_timesteps[i], all_rows),
+                                                x_dst, dst)
+        hist_x, hist_g = [x_dst.flatten(1)], [g.flatten(1)]   # Anderson history, all rows
         x = g
         rows = all_rows
         # 2. Refinement x <- G(x) (Anderson-mixed) on the rows still above tol.
-        for k in range(fixed_point_iters):
+        for j in range(fixed_point_iters):
             xr = x[rows]
-            g_new = inverse_step(x_s[rows], eps_at(xr, t, rows), a_s, a_t)
-            r = (a_s / a_t) ** 0.5 * _rms(xr - g_new)   # forward residual of xr
-            residual[i, rows.cpu()] = r.cpu()
-            iters[i, rows.cpu()] = k + 1
+            g_new = G(xr, rows)
+            r = a * _rms(xr - g_new)   # forward residual of xr
+            residual[k, rows.cpu()] = r.cpu()
+            iters[k, rows.cpu()] = j + 1
             done = r <= tol
-            converged[i, rows[done].cpu()] = True
+            converged[k, rows[done].cpu()] = True
             if anderson:
                 for h, new in ((hist_x, xr), (hist_g, g_new)):
                     full = h[-1].clone()
@@ -213,7 +227,7 @@ def ddim_invert(eps_fn: NoiseFn, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
             x = x.clone()
             x[rows] = x_new.reshape(-1, *shape[1:])
         if callback is not None:
-            callback(i, x)
+            callback(k, x)
     if not return_info:
         return x
     return x, InversionInfo(nfe=nfe, calls=calls, residual=residual, iters=iters,
@@ -234,8 +248,9 @@ def latent_rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _rms(a.to(torch.float64) - b.to(torch.float64))
 
 
-def _group_conditions(condition: Any, n: int) -> list[tuple[Any, list[int]]]:
-    """Split a per-image condition list into (condition, row indices) groups."""
+def group_conditions(condition: Any, n: int) -> list[tuple[Any, list[int]]]:
+    """Split a per-item condition list into (condition, row indices) groups, first-seen order;
+    a single condition (or None) is one group of all n rows."""
     if not isinstance(condition, (list, tuple)):
         return [(condition, list(range(n)))]
     if len(condition) != n:
@@ -248,12 +263,13 @@ def _group_conditions(condition: Any, n: int) -> list[tuple[Any, list[int]]]:
 
 @dataclass
 class ImageInversion:
-    """Result of ``invert_images`` for B images.
+    """Result of :func:`invert_images` for B images.
 
     seeds:   float32 (B, *latent_shape).
     x0:      float32 (B, *latent_shape), the encoded images the seeds were inverted from.
     nfe:     int64 (B,) network evaluations per image (CFG's batched pair counts as one).
     max_residual: float64 (B,) worst measured fixed-point step residual (0 for plain).
+    converged_steps: int64 (B,) inverse steps whose residual reached ``tol``.
     steps, guidance, fixed_point_iters: the settings used.
     """
 
@@ -261,6 +277,7 @@ class ImageInversion:
     x0: torch.Tensor
     nfe: torch.Tensor
     max_residual: torch.Tensor
+    converged_steps: torch.Tensor
     steps: int
     guidance: float
     fixed_point_iters: int
@@ -270,11 +287,11 @@ def invert_images(backend: Any, images: torch.Tensor, condition: Any = None,
                   steps: int | None = None, guidance: float = 1.0, fixed_point_iters: int = 3,
                   tol: float | None = None, anderson: int = 2, batch_size: int = 16,
                   callback: Callable[..., None] | None = None) -> ImageInversion:
-    """Images -> seeds for a model backend: x0 = backend.encode(images), then ``ddim_invert``
-    on ``backend.timesteps(steps)`` with ``backend.noise_fn(condition, guidance)``.
+    """Images -> seeds for a model backend: x0 = backend.encode(images), then :func:`invert`
+    on ``backend.grid(steps)`` with ``backend.model_fn(condition, guidance)``.
 
     images: (B, image_channels, H, W) float in [0, 1] at the backend's image size.
-    condition: None (bundled: null class; SD: empty prompt), one class/prompt, or one per image.
+    condition: None (unconditional: null class / empty prompt), one condition, or one per image.
     guidance: 1.0 by default (no classifier-free guidance: the sampler is then invertible
         without amplifying errors). ``callback(advance=1)`` is called once per inverse step and
         batch chunk. Latents and seeds are float32.
@@ -284,33 +301,36 @@ def invert_images(backend: Any, images: torch.Tensor, condition: Any = None,
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     steps = int(steps if steps is not None else backend.default_steps)
-    timesteps, alphas_cumprod, final_alpha = backend.timesteps(steps)
+    grid = backend.grid(steps)
     n = images.shape[0]
     seeds = torch.empty((n, *backend.latent_shape), dtype=torch.float32)
     x0_all = torch.empty_like(seeds)
     nfe = torch.zeros(n, dtype=torch.int64)
     max_res = torch.zeros(n, dtype=torch.float64)
+    conv = torch.zeros(n, dtype=torch.int64)
     step_cb = None if callback is None else (lambda i, x: callback(advance=1))
-    for cond, rows in _group_conditions(condition, n):
-        eps_fn = backend.noise_fn(cond, guidance)
-        for start in range(0, len(rows), batch_size):
-            idx = torch.tensor(rows[start:start + batch_size], dtype=torch.int64)
-            x0 = backend.encode(images[idx]).to("cpu", torch.float32)
-            device = getattr(backend, "device", torch.device("cpu"))
-            z, info = ddim_invert(eps_fn, x0.to(device), alphas_cumprod, timesteps, final_alpha,
-                                  fixed_point_iters=fixed_point_iters, tol=tol,
-                                  anderson=anderson, callback=step_cb, return_info=True)
-            seeds[idx] = z.to("cpu", torch.float32)
-            x0_all[idx] = x0
-            nfe[idx] = info.nfe
-            max_res[idx] = info.max_residual
-    return ImageInversion(seeds=seeds, x0=x0_all, nfe=nfe, max_residual=max_res, steps=steps,
-                          guidance=float(guidance), fixed_point_iters=fixed_point_iters)
+    with torch.no_grad():
+        for cond, rows in group_conditions(condition, n):
+            model = backend.model_fn(cond, guidance)
+            for start in range(0, len(rows), batch_size):
+                idx = torch.tensor(rows[start:start + batch_size], dtype=torch.int64)
+                x0 = backend.encode(images[idx]).to("cpu", torch.float32)
+                z, info = invert(model, x0.to(backend.device), grid,
+                                 fixed_point_iters=fixed_point_iters, tol=tol, anderson=anderson,
+                                 callback=step_cb, return_info=True)
+                seeds[idx] = z.to("cpu", torch.float32)
+                x0_all[idx] = x0
+                nfe[idx] = info.nfe
+                max_res[idx] = info.max_residual
+                conv[idx] = info.converged.sum(dim=0)
+    return ImageInversion(seeds=seeds, x0=x0_all, nfe=nfe, max_residual=max_res,
+                          converged_steps=conv, steps=steps, guidance=float(guidance),
+                          fixed_point_iters=fixed_point_iters)
 
 
 @dataclass
 class RoundTrip:
-    """``check_roundtrip`` result: float64 (B,) latent RMSE and pixel PSNR (dB), plus renders."""
+    """:func:`check_roundtrip` result: float64 (B,) latent RMSE and pixel PSNR (dB), renders."""
 
     latent_rmse: torch.Tensor
     psnr: torch.Tensor
@@ -321,37 +341,26 @@ def check_roundtrip(backend: Any, seeds: torch.Tensor, x0: torch.Tensor, images:
                     condition: Any = None, steps: int | None = None, guidance: float = 1.0,
                     batch_size: int = 16,
                     callback: Callable[..., None] | None = None) -> RoundTrip:
-    """Render seeds back with the same DDIM sampler and compare.
+    """Render seeds back with the same sampler and compare.
 
-    Latent error: RMS(ddim_sample(seeds) - x0) per image. Pixel PSNR: between
-    backend.decode(ddim_sample(seeds)) and the input images in [0, 1]; for latent models the VAE
+    Latent error: RMS(sample(seeds) - x0) per image. Pixel PSNR: between
+    backend.decode(sample(seeds)) and the input images in [0, 1]; for latent models the VAE
     caps it (compare with PSNR(decode(x0), images)).
     """
     steps = int(steps if steps is not None else backend.default_steps)
-    timesteps, alphas_cumprod, final_alpha = backend.timesteps(steps)
+    grid = backend.grid(steps)
     n = seeds.shape[0]
     x_hat = torch.empty((n, *x0.shape[1:]), dtype=torch.float32)
     out = torch.empty((n, *images.shape[1:]), dtype=torch.float32)
-    step_cb = None if callback is None else (lambda i, x: callback(advance=1))
-    device = getattr(backend, "device", torch.device("cpu"))
-    for cond, rows in _group_conditions(condition, n):
-        eps_fn = backend.noise_fn(cond, guidance)
-        for start in range(0, len(rows), batch_size):
-            idx = torch.tensor(rows[start:start + batch_size], dtype=torch.int64)
-            xs = ddim_sample(eps_fn, seeds[idx].to(device, torch.float32), alphas_cumprod,
-                             timesteps, final_alpha, callback=step_cb)
-            x_hat[idx] = xs.to("cpu", torch.float32)
-            out[idx] = backend.decode(xs).to("cpu", torch.float32)
+    step_cb = None if callback is None else (lambda i, x, x0: callback(advance=1))
+    with torch.no_grad():
+        for cond, rows in group_conditions(condition, n):
+            model = backend.model_fn(cond, guidance)
+            for start in range(0, len(rows), batch_size):
+                idx = torch.tensor(rows[start:start + batch_size], dtype=torch.int64)
+                xs = sample(model, seeds[idx].to(backend.device, torch.float32), grid,
+                            callback=step_cb)
+                x_hat[idx] = xs.to("cpu", torch.float32)
+                out[idx] = backend.decode(xs).to("cpu", torch.float32)
     return RoundTrip(latent_rmse=latent_rmse(x_hat, x0), psnr=psnr(out, images.float()),
                      images=out)
-
-
-def chi_zscore(seeds: torch.Tensor) -> torch.Tensor:
-    """(|z| - E|z|) / sd|z| per seed for z ~ N(0, I_d): d = numel per row; float64 (B,).
-
-    Chi(d) mean sqrt(2) Gamma((d+1)/2) / Gamma(d/2) (via lgamma), variance d - mean^2.
-    """
-    d = seeds[0].numel()
-    mean = math.sqrt(2.0) * math.exp(math.lgamma((d + 1) / 2) - math.lgamma(d / 2))
-    sd = math.sqrt(max(d - mean * mean, 1e-300))
-    return (seeds.detach().flatten(1).to(torch.float64).norm(dim=1) - mean) / sd
