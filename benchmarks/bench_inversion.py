@@ -9,9 +9,13 @@ the seeds back with the same DDIM grid, and report per image (mean over images):
 * latent RMSE  |ddim_sample(seed) - x0|_rms  and pixel PSNR (dB) of the render vs the input,
 * the seeds' norm z-score against chi(d) (0 = a typical Gaussian seed).
 
-Methods compare equal and unequal budgets: plain at S steps (NFE S), fixed-point at S steps
-(NFE <= (1 + k) S), and plain at (1 + k) S steps (the same NFE spent on a finer grid).
-Guidance 1, unconditional (null class) by default.
+Methods compare equal and unequal budgets: the peer users would otherwise pick (diffusers'
+``DDIMInverseScheduler`` loop on the same network and grid, for DDIM models), latentgeo's plain
+inversion at S steps (NFE S), fixed-point at S steps (NFE <= (1 + k) S), and plain at (1 + k) S
+steps (the same NFE spent on a finer grid). Guidance 1, unconditional (null class) by default.
+For fixed-point rows the table also says how many inverse steps reached the tolerance and the
+residual left at the first inverse step (x_0 -> the least noisy grid level), where convergence is
+slowest.
 
     nice -n 10 .venv/bin/python benchmarks/bench_inversion.py [--n 100] [--steps 50]
 """
@@ -31,6 +35,49 @@ from latentgeo.diffusion import load_model
 from latentgeo.diffusion.inversion import check_roundtrip, invert_images
 
 
+def run_peer(backend, images, steps, batch_size):
+    """diffusers' DDIMInverseScheduler loop (eta = 0) on the backend's network, rendered back
+    with our sampler (equal to diffusers' DDIMScheduler loop, tests/test_backends.py)."""
+    from diffusers import DDIMInverseScheduler
+
+    inv = DDIMInverseScheduler.from_config(backend.scheduler.config)
+    inv.set_timesteps(steps)
+    model = backend.model_fn(None, 1.0)
+    t0 = time.perf_counter()
+    seeds = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = backend.encode(images[start:start + batch_size])
+            for t in inv.timesteps:
+                x = inv.step(model(x, t), t, x).prev_sample
+            seeds.append(x)
+    seconds = time.perf_counter() - t0
+    seeds = torch.cat(seeds)
+    x0 = backend.encode(images)
+    trip = check_roundtrip(backend, seeds, x0, images, steps=steps, guidance=1.0,
+                           batch_size=batch_size)
+    return summary(trip, seeds, float(steps), seconds)
+
+
+def summary(trip, seeds, nfe, seconds, inv=None):
+    finite = torch.isfinite(trip.psnr)
+    out = {
+        "nfe": nfe,
+        "seconds": seconds,
+        "rmse": float(trip.latent_rmse.mean()),
+        "rmse_max": float(trip.latent_rmse.max()),
+        "psnr": float(trip.psnr[finite].mean()) if finite.any() else float("inf"),
+        "psnr_min": float(trip.psnr.min()),
+        "z": float(norm_z_scores(seeds).mean()),
+        "converged": "",
+        "first_res": "",
+    }
+    if inv is not None and inv.fixed_point_iters > 0:
+        out["converged"] = f"{float(inv.converged_steps.double().mean()):.1f}/{inv.steps}"
+        out["first_res"] = f"{float(torch.nan_to_num(inv.residual[0]).median()):.1e}"
+    return out
+
+
 def run_method(backend, images, steps, k, batch_size, condition):
     t0 = time.perf_counter()
     inv = invert_images(backend, images, condition=condition, steps=steps, guidance=1.0,
@@ -38,16 +85,7 @@ def run_method(backend, images, steps, k, batch_size, condition):
     seconds = time.perf_counter() - t0
     trip = check_roundtrip(backend, inv.seeds, inv.x0, images, condition=condition, steps=steps,
                            guidance=1.0, batch_size=batch_size)
-    finite = torch.isfinite(trip.psnr)
-    return {
-        "nfe": float(inv.nfe.double().mean()),
-        "seconds": seconds,
-        "rmse": float(trip.latent_rmse.mean()),
-        "rmse_max": float(trip.latent_rmse.max()),
-        "psnr": float(trip.psnr[finite].mean()) if finite.any() else float("inf"),
-        "psnr_min": float(trip.psnr.min()),
-        "z": float(norm_z_scores(inv.seeds).mean()),
-    }
+    return summary(trip, inv.seeds, float(inv.nfe.double().mean()), seconds, inv)
 
 
 def main() -> None:
@@ -63,7 +101,10 @@ def main() -> None:
 
     backend = load_model(args.model)
     s, k = args.steps, args.fixed_point
-    methods = [(f"plain, {s} steps", s, 0)]
+    methods = []
+    if not getattr(backend, "flow", False):
+        methods.append((f"diffusers DDIMInverseScheduler, {s} steps (peer)", s, None))
+    methods.append((f"plain, {s} steps", s, 0))
     if args.with_k1:
         methods.append((f"fixed-point k=1, {s} steps", s, 1))
     methods += [(f"fixed-point k={k}, {s} steps", s, k),
@@ -76,22 +117,24 @@ def main() -> None:
     if "sklearn" in args.data:
         sk, _ = load_sklearn_digits_32()
         datasets["sklearn 8x8 -> 32"] = sk[torch.randperm(len(sk), generator=g)[:args.n]]
-    console = Console()
+    console = Console(width=200)
     for name, images in datasets.items():
         table = Table(title=f"DDIM inversion round trip: {name}, N = {len(images)}, "
                             f"model {backend.name}, guidance 1 (null class)")
         for col in ("method", "NFE/img", "seconds", "latent RMSE", "max RMSE", "PSNR dB",
-                    "min PSNR", "ΔPSNR vs plain", "NFE ratio", "seed chi z"):
+                    "min PSNR", "ΔPSNR vs first", "NFE ratio", "seed chi z",
+                    "steps converged", "1st-step residual"):
             table.add_column(col, justify="left" if col == "method" else "right")
         base = None
         for label, steps, iters in methods:
-            r = run_method(backend, images, steps, iters, args.batch_size, None)
+            r = (run_peer(backend, images, steps, args.batch_size) if iters is None else
+                 run_method(backend, images, steps, iters, args.batch_size, None))
             print(label, r, flush=True)
             base = base or r
             table.add_row(label, f"{r['nfe']:.1f}", f"{r['seconds']:.1f}", f"{r['rmse']:.2e}",
                           f"{r['rmse_max']:.2e}", f"{r['psnr']:.2f}", f"{r['psnr_min']:.2f}",
                           f"{r['psnr'] - base['psnr']:+.2f}", f"{r['nfe'] / base['nfe']:.2f}x",
-                          f"{r['z']:+.2f}")
+                          f"{r['z']:+.2f}", r["converged"], r["first_res"])
         console.print(table)
 
 

@@ -270,6 +270,8 @@ class ImageInversion:
     nfe:     int64 (B,) network evaluations per image (CFG's batched pair counts as one).
     max_residual: float64 (B,) worst measured fixed-point step residual (0 for plain).
     converged_steps: int64 (B,) inverse steps whose residual reached ``tol``.
+    residual: float64 (S, B) per inverse step (index 0 next to the clean image) the last
+        measured forward residual (NaN for plain inversion; see :class:`InversionInfo`).
     steps, guidance, fixed_point_iters: the settings used.
     """
 
@@ -278,6 +280,7 @@ class ImageInversion:
     nfe: torch.Tensor
     max_residual: torch.Tensor
     converged_steps: torch.Tensor
+    residual: torch.Tensor
     steps: int
     guidance: float
     fixed_point_iters: int
@@ -308,6 +311,7 @@ def invert_images(backend: Any, images: torch.Tensor, condition: Any = None,
     nfe = torch.zeros(n, dtype=torch.int64)
     max_res = torch.zeros(n, dtype=torch.float64)
     conv = torch.zeros(n, dtype=torch.int64)
+    residual = torch.full((len(grid), n), float("nan"), dtype=torch.float64)
     step_cb = None if callback is None else (lambda i, x: callback(advance=1))
     with torch.no_grad():
         for cond, rows in group_conditions(condition, n):
@@ -323,9 +327,10 @@ def invert_images(backend: Any, images: torch.Tensor, condition: Any = None,
                 nfe[idx] = info.nfe
                 max_res[idx] = info.max_residual
                 conv[idx] = info.converged.sum(dim=0)
+                residual[:, idx] = info.residual
     return ImageInversion(seeds=seeds, x0=x0_all, nfe=nfe, max_residual=max_res,
-                          converged_steps=conv, steps=steps, guidance=float(guidance),
-                          fixed_point_iters=fixed_point_iters)
+                          converged_steps=conv, residual=residual, steps=steps,
+                          guidance=float(guidance), fixed_point_iters=fixed_point_iters)
 
 
 @dataclass
