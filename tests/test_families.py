@@ -354,3 +354,25 @@ def test_sample_like_presets_cover_the_families(cli, tmp_path):
         assert tuple(load_latent(tmp_path / f"{like}.pt")[0].shape) == shape
     r = cli("sample", "--like", "nope", "-o", tmp_path / "z.pt", expect=None)
     assert_one_line_error(r, "flux")
+
+
+def test_gpu_benchmark_skips_cleanly_and_measures_a_local_folder(tmp_path, capsys):
+    """benchmarks/gpu_families.py: an id that is not cached is listed as skipped; a local
+    pipeline folder is measured (here the tiny SD3 on the CPU in float32: equal to the
+    pipeline, fixed-point inversion well ahead of plain)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_families", Path(__file__).parents[1] / "benchmarks" / "gpu_families.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--model", "no-such-org/no-such-model-latentgeo", "--device", "cuda"])
+    assert rows[0]["status"].startswith("skipped: ")
+    rows = bench.main(["--model", str(tiny_family_path("sd3")), "--device", "cpu", "--dtype",
+                       "float32", "--size", "16", "--steps", "3", "--json",
+                       str(tmp_path / "rows.json")])
+    row = json.loads((tmp_path / "rows.json").read_text())[0]
+    assert rows[0]["status"] == row["status"] == "ok" and row["family"] == "sd3"
+    assert row["max_abs_diff"] <= 1e-4 and row["ratio"] >= 10
+    assert "1 model(s) measured, 0 skipped" in capsys.readouterr().out
