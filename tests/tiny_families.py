@@ -182,7 +182,7 @@ def build_tiny_flux(path: str | Path, guidance_embeds: bool = True) -> Path:
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=4 * TINY_LATENT[0], num_layers=1, num_single_layers=1,
-        attention_head_dim=16, num_attention_heads=1, joint_attention_dim=48,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
         pooled_projection_dim=16, guidance_embeds=guidance_embeds, axes_dims_rope=[4, 4, 8])
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(clip_config(len(tokenizer)))
