@@ -86,8 +86,8 @@ def hw_of(size: Any, name: str) -> tuple[int, int]:
     return hw
 
 
-def image_size(height: int | None, width: int | None, default: tuple[int, int], multiple: int,
-               name: str, why: str) -> tuple[int, int]:
+def pick_image_size(height: int | None, width: int | None, default: tuple[int, int],
+                    multiple: int, name: str, why: str) -> tuple[int, int]:
     """(height, width) in pixels for a family whose sizes must be multiples of ``multiple``
     (``why`` says which constraint that is); a missing value takes ``default``'s, as the
     family's pipeline does (``height = height or default``). InputError naming the value."""

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentgeo.diffusion.backends.base import freeze, image_size, place
+from latentgeo.diffusion.backends.base import freeze, pick_image_size, place
 from latentgeo.diffusion.backends.latent import LatentBackend
 from latentgeo.diffusion.backends.sd import vae_scale_factor
 from latentgeo.diffusion.backends.sd3 import calculate_shift, flow_scheduler
@@ -178,8 +178,8 @@ def flux_backend(pipe: Any, name: str, device: torch.device, dtype: torch.dtype,
                          "text-to-image models are supported")
     f = vae_scale_factor(vae)
     side = int(getattr(pipe, "default_sample_size", DEFAULT_SAMPLE_SIZE)) * f
-    h, w = image_size(height, width, (side, side), 2 * f, name,
-                      f"the VAE's scale factor {f} times the 2x2 packing")
+    h, w = pick_image_size(height, width, (side, side), 2 * f, name,
+                           f"the VAE's scale factor {f} times the 2x2 packing")
     guided = bool(transformer.config.guidance_embeds)
     place(transformer, device, dtype, offload)
     for enc in (parts[1], parts[3]):

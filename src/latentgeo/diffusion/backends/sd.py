@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from latentgeo.diffusion.backends.base import cfg_combine, freeze, hw_of, image_size, place
+from latentgeo.diffusion.backends.base import cfg_combine, freeze, hw_of, pick_image_size, place
 from latentgeo.diffusion.backends.latent import LatentBackend, vae_dtype
 from latentgeo.diffusion.grid import Grid
 from latentgeo.diffusion.sampler import ModelFn
@@ -118,8 +118,8 @@ def sd_backend(pipe: Any, name: str, device: torch.device, dtype: torch.dtype,
     channels = check_text_unet(unet, name)
     f = vae_scale_factor(vae)
     default = hw_of(unet.config.sample_size, name)
-    h, w = image_size(height, width, (default[0] * f, default[1] * f), f, name,
-                      "the VAE's scale factor")
+    h, w = pick_image_size(height, width, (default[0] * f, default[1] * f), f, name,
+                           "the VAE's scale factor")
     place(unet, device, dtype, offload)
     place(pipe.text_encoder, device, dtype, offload)
     place(vae, device, vae_dtype(vae, dtype), offload)

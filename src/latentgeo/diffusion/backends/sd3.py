@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from latentgeo.diffusion.backends.base import cfg_combine, freeze, hw_of, image_size, place
+from latentgeo.diffusion.backends.base import cfg_combine, freeze, hw_of, pick_image_size, place
 from latentgeo.diffusion.backends.latent import LatentBackend
 from latentgeo.diffusion.backends.sd import vae_scale_factor
 from latentgeo.diffusion.grid import Grid
@@ -187,8 +187,8 @@ def sd3_backend(pipe: Any, name: str, device: torch.device, dtype: torch.dtype,
     f = vae_scale_factor(vae)
     p = int(transformer.config.patch_size)
     default = hw_of(transformer.config.sample_size, name)
-    h, w = image_size(height, width, (default[0] * f, default[1] * f), f * p, name,
-                      f"the VAE's scale factor {f} times the patch size {p}")
+    h, w = pick_image_size(height, width, (default[0] * f, default[1] * f), f * p, name,
+                           f"the VAE's scale factor {f} times the patch size {p}")
     limit = transformer.config.get("pos_embed_max_size", None)
     if limit is not None and max(h, w) > int(limit) * p * f:
         side = "height" if h >= w else "width"

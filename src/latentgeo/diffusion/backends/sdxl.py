@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from latentgeo.diffusion.backends.base import cfg_combine, freeze, hw_of, image_size, place
+from latentgeo.diffusion.backends.base import cfg_combine, freeze, hw_of, pick_image_size, place
 from latentgeo.diffusion.backends.latent import vae_dtype
 from latentgeo.diffusion.backends.sd import SDBackend, check_text_unet, vae_scale_factor
 from latentgeo.diffusion.sampler import ModelFn
@@ -146,8 +146,8 @@ def sdxl_backend(pipe: Any, name: str, device: torch.device, dtype: torch.dtype,
                          "refiner's aesthetic-score ids are not supported)")
     f = vae_scale_factor(vae)
     default = hw_of(unet.config.sample_size, name)
-    h, w = image_size(height, width, (default[0] * f, default[1] * f), f, name,
-                      "the VAE's scale factor")
+    h, w = pick_image_size(height, width, (default[0] * f, default[1] * f), f, name,
+                           "the VAE's scale factor")
     tokenizers = (pipe.tokenizer, pipe.tokenizer_2) if pipe.tokenizer is not None \
         else (pipe.tokenizer_2,)
     encoders = (pipe.text_encoder, encoder_2) if pipe.tokenizer is not None else (encoder_2,)
