@@ -74,11 +74,6 @@ def reference(family, z, prompts, steps, guidance, side=TINY_SIDE, pipe=None):
         return pipe(prompts, latents=latents.clone(), **kw).images.float()
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
-    return request.param
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_loads_with_default_and_chosen_sizes(name):
     path = str(tiny_family_path(name))
