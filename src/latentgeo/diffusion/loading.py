@@ -13,6 +13,7 @@ environment is left alone), so an id that is not cached fails at once with one l
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import warnings
 from importlib import resources
@@ -37,6 +38,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "StableDiffusionPipeline": ("sd", "sd_backend"),
     "StableDiffusionImg2ImgPipeline": ("sd", "sd_backend"),
     "AltDiffusionPipeline": ("sd", "sd_backend"),
+    "StableDiffusionXLPipeline": ("sdxl", "sdxl_backend"),
+    "StableDiffusion3Pipeline": ("sd3", "sd3_backend"),
+    "FluxPipeline": ("flux", "flux_backend"),
 }
 
 #: Pipeline classes refused with a reason rather than "unsupported".
@@ -47,12 +51,19 @@ REFUSED: dict[str, str] = {
                                         "mask), not a seed alone",
     "StableDiffusionXLImg2ImgPipeline": "the SDXL refiner denoises from an image, not from a "
                                         "seed (use the SDXL base model)",
+    "StableDiffusion3InpaintPipeline": "inpainting takes an image and a mask, not a seed alone",
+    "FluxFillPipeline": "FLUX.1 Fill takes an image and a mask packed beside the seed (384 "
+                        "input channels), not a seed alone",
+    "FluxInpaintPipeline": "inpainting takes an image and a mask, not a seed alone",
+    "FluxControlPipeline": "FLUX.1 Canny/Depth take a control image packed beside the seed, "
+                           "not a seed alone",
+    "FluxKontextPipeline": "FLUX.1 Kontext edits an input image, not a seed alone",
 }
 
 
 def register_family(pipeline_class: str, module: str, constructor: str) -> None:
     """Map a diffusers pipeline class name to ``latentgeo.diffusion.backends.MODULE.CONSTRUCTOR``
-    (called as ``constructor(pipe, name, device, dtype)``)."""
+    (called as ``constructor(pipe, name, device, dtype, height=, width=, offload=)``)."""
     FAMILIES[pipeline_class] = (module, constructor)
 
 
@@ -95,32 +106,67 @@ def quiet_libraries() -> None:
 
 
 def load_model(spec: str = BUNDLED_NAME, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype = "float32") -> Backend:
+               dtype: str | torch.dtype = "float32", height: int | None = None,
+               width: int | None = None, offload: bool = False) -> Backend:
     """Load ``spec`` (module docstring) as a :class:`~latentgeo.diffusion.backends.base.Backend`
-    on ``device`` with the networks in ``dtype``. Raises ModelError with one line for unknown
-    ids/paths, unsupported pipeline classes, malformed folders or an unavailable device."""
+    on ``device`` with the networks in ``dtype``.
+
+    height, width: image size in pixels (None: the pipeline's default, ``sample_size`` times
+    the VAE's scale factor; FLUX: 128 times it). Each family checks its multiple (SD, SDXL: 8;
+    SD3, FLUX: 16); pixel models render only at their trained size.
+    offload: keep the networks on the CPU and move each to ``device`` only while it runs
+    (diffusers' model CPU offload; needs the ``accelerate`` package and a GPU device).
+
+    Raises ModelError with one line for unknown ids/paths, unsupported pipeline classes,
+    malformed folders or an unavailable device; InputError for a size the family refuses."""
     dev = parse_device(device)
     dt = parse_dtype(dtype)
     spec = str(spec).strip() or BUNDLED_NAME
+    if offload:
+        check_offload(spec, dev)
     if spec in BUNDLED:
         path = bundled_path(spec)
         if not (path / META_FILE).is_file():
             raise ModelError(f"{spec}: the bundled model is missing from this installation "
                              f"({path})")
-        return load_bundled_format(path, spec, dev, dt)
+        return load_bundled_format(path, spec, dev, dt, height, width, offload)
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"{spec}: is a file; expected a diffusers pipeline folder (with "
                              "model_index.json) or a model id")
         if (path / META_FILE).is_file():
-            return load_bundled_format(path, spec, dev, dt)
+            return load_bundled_format(path, spec, dev, dt, height, width, offload)
         if not (path / "model_index.json").is_file():
             raise ModelError(f"{spec}: folder has no model_index.json; not a diffusers "
                              "pipeline folder")
         check_pipeline_class(read_json(path / "model_index.json", spec).get("_class_name"),
                              spec)
-    return load_pipeline(spec, dev, dt)
+    return load_pipeline(spec, dev, dt, height, width, offload)
+
+
+def accelerate_available() -> bool:
+    """Whether the ``accelerate`` package (diffusers' CPU offload hooks) is installed."""
+    return importlib.util.find_spec("accelerate") is not None
+
+
+def check_offload(spec: str, dev: torch.device) -> None:
+    """Refuse CPU offload where it cannot work, before any weights load."""
+    if not accelerate_available():
+        raise ModelError(f"{spec}: CPU offload needs the accelerate package, which is not "
+                         "installed (pip install accelerate)")
+    if dev.type == "cpu":
+        raise ModelError(f"{spec}: CPU offload moves each network to an accelerator while it "
+                         "runs; device cpu has none (use cuda or mps)")
+
+
+def enable_offload(pipe: Any, spec: str, dev: torch.device) -> None:
+    """diffusers' model CPU offload (accelerate hooks): each network moves to ``dev`` when it
+    runs and back to the CPU when the next one starts."""
+    try:
+        pipe.enable_model_cpu_offload(device=dev)
+    except (ImportError, ValueError, RuntimeError) as e:
+        raise ModelError(f"{spec}: CPU offload failed ({first_line(e)})") from None
 
 
 def check_pipeline_class(class_name: Any, spec: str) -> None:
@@ -134,8 +180,13 @@ def check_pipeline_class(class_name: Any, spec: str) -> None:
                          f"{', '.join(sorted(FAMILIES))})")
 
 
-def load_bundled_format(path: Path, name: str, dev: torch.device, dt: torch.dtype) -> Backend:
+def load_bundled_format(path: Path, name: str, dev: torch.device, dt: torch.dtype,
+                        height: int | None = None, width: int | None = None,
+                        offload: bool = False) -> Backend:
     """A folder with ``unet/``, ``scheduler/`` and ``latentgeo.json`` (the bundled format)."""
+    if offload:
+        raise ModelError(f"{name}: CPU offload is for large multi-network pipelines; this "
+                         "model is one small UNet")
     quiet_libraries()
     import diffusers
     from diffusers import UNet2DModel
@@ -158,11 +209,14 @@ def load_bundled_format(path: Path, name: str, dev: torch.device, dt: torch.dtyp
         raise ModelError(f"{name}: cannot load the model folder {path} ({first_line(e)})") \
             from None
     return pixel_backend(unet, scheduler, name, dev, dt, meta,
-                         str(meta.get("pipeline_class", "latentgeo")))
+                         str(meta.get("pipeline_class", "latentgeo")), height=height,
+                         width=width)
 
 
-def load_pipeline(spec: str, dev: torch.device, dt: torch.dtype) -> Backend:
-    """``DiffusionPipeline.from_pretrained(spec, local_files_only=True)`` -> its family."""
+def load_pipeline(spec: str, dev: torch.device, dt: torch.dtype, height: int | None = None,
+                  width: int | None = None, offload: bool = False) -> Backend:
+    """``DiffusionPipeline.from_pretrained(spec, local_files_only=True)`` -> its family
+    (sizes and offload as :func:`load_model`)."""
     quiet_libraries()
     from diffusers import DiffusionPipeline
 
@@ -186,4 +240,7 @@ def load_pipeline(spec: str, dev: torch.device, dt: torch.dtype) -> Backend:
     module, constructor = FAMILIES[cls]
     build = getattr(importlib.import_module(f"latentgeo.diffusion.backends.{module}"),
                     constructor)
-    return build(pipe, spec, dev, dt)
+    backend = build(pipe, spec, dev, dt, height=height, width=width, offload=offload)
+    if offload:
+        enable_offload(pipe, spec, dev)
+    return backend

@@ -86,6 +86,33 @@ def hw_of(size: Any, name: str) -> tuple[int, int]:
     return hw
 
 
+def pick_image_size(height: int | None, width: int | None, default: tuple[int, int],
+                    multiple: int, name: str, why: str) -> tuple[int, int]:
+    """(height, width) in pixels for a family whose sizes must be multiples of ``multiple``
+    (``why`` says which constraint that is); a missing value takes ``default``'s, as the
+    family's pipeline does (``height = height or default``). InputError naming the value."""
+    out = []
+    for label, value, fallback in (("height", height, default[0]), ("width", width, default[1])):
+        v = fallback if value is None else value
+        try:
+            ok = not isinstance(v, bool) and int(v) == v and int(v) >= 1 and int(v) % multiple == 0
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise InputError(f"{label} {v}: {name} needs a positive multiple of {multiple} "
+                             f"({why})")
+        out.append(int(v))
+    return out[0], out[1]
+
+
+def place(module: Any, device: torch.device, dtype: torch.dtype, offload: bool = False) -> Any:
+    """Move a network to ``device`` in ``dtype``; with ``offload`` it stays on the CPU in
+    ``dtype`` (model CPU offload moves it to the device while it runs)."""
+    if module is None:
+        return None
+    return module.to(dtype) if offload else module.to(device, dtype)
+
+
 def freeze(*modules: Any) -> None:
     """Evaluation mode, no parameter gradients (seeds are what gets optimised)."""
     for m in modules:

@@ -30,7 +30,7 @@ from latentgeo.diffusion.backends.base import (
 from latentgeo.diffusion.grid import Grid
 from latentgeo.diffusion.sampler import ModelFn
 from latentgeo.diffusion.schedules import check_flow_scheduler, ddim_grid, ddim_scheduler, flow_grid
-from latentgeo.errors import ModelError
+from latentgeo.errors import InputError, ModelError
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
@@ -93,12 +93,20 @@ class PixelBackend(Backend):
 
 
 def pixel_backend(unet: Any, scheduler: Any, name: str, device: torch.device,
-                  dtype: torch.dtype, meta: dict, pipeline_class: str) -> PixelBackend:
+                  dtype: torch.dtype, meta: dict, pipeline_class: str,
+                  height: int | None = None, width: int | None = None) -> PixelBackend:
     """A :class:`PixelBackend` from a loaded UNet2DModel, its scheduler and latentgeo.json
-    metadata (``{}`` for a plain diffusers pipeline: unconditional, guidance 1, 50 steps)."""
+    metadata (``{}`` for a plain diffusers pipeline: unconditional, guidance 1, 50 steps).
+
+    height, width: a pixel model renders only at the size it was trained on (its UNet's
+    ``sample_size``); None means that size, any other value is refused."""
+    hw = hw_of(unet.config.sample_size, name)
+    for label, value, trained in (("height", height, hw[0]), ("width", width, hw[1])):
+        if value is not None and value != trained:
+            raise InputError(f"{label} {value}: {name} is a pixel-space model trained at "
+                             f"{hw[0]}x{hw[1]} and renders only at that size")
     unet = unet.to(device, dtype)
     freeze(unet)
-    hw = hw_of(unet.config.sample_size, name)
     flow = type(scheduler).__name__ in FLOW_SCHEDULERS
     if flow:
         check_flow_scheduler(scheduler, name)
@@ -133,12 +141,18 @@ def pixel_backend(unet: Any, scheduler: Any, name: str, device: torch.device,
 
 
 def pixel_backend_from_pipeline(pipe: Any, name: str, device: torch.device,
-                                dtype: torch.dtype) -> PixelBackend:
+                                dtype: torch.dtype, height: int | None = None,
+                                width: int | None = None, offload: bool = False
+                                ) -> PixelBackend:
     """An unconditional :class:`PixelBackend` from a loaded ``DDPMPipeline`` /
-    ``DDIMPipeline`` (sampled with deterministic DDIM on its scheduler config)."""
+    ``DDIMPipeline`` (sampled with deterministic DDIM on its scheduler config). Sizes as
+    :func:`pixel_backend`; ``offload`` is refused (one small network: nothing to offload)."""
     from diffusers import UNet2DModel
 
+    if offload:
+        raise ModelError(f"{name}: CPU offload is for large multi-network pipelines; a pixel "
+                         "model is one small UNet")
     if not isinstance(getattr(pipe, "unet", None), UNet2DModel):
         raise ModelError(f"{name}: {type(pipe).__name__} without a UNet2DModel")
     return pixel_backend(pipe.unet, pipe.scheduler, name, device, dtype, {},
-                         type(pipe).__name__)
+                         type(pipe).__name__, height=height, width=width)

@@ -4,7 +4,8 @@ Conditioning as ``StableDiffusionPipeline.encode_prompt``: the prompt padded to 
 ``model_max_length``, the text encoder's last hidden state (with the attention mask where the
 encoder's config asks for it) as ``encoder_hidden_states``; the unconditional half of
 classifier-free guidance is the empty prompt. Seeds are (4, H/8, W/8); sampling is DDIM on the
-pipeline's scheduler config (:func:`latentgeo.diffusion.schedules.ddim_grid`).
+pipeline's scheduler config (:func:`latentgeo.diffusion.schedules.ddim_grid`). Image sizes:
+any multiple of 8 (the VAE's scale factor), default the UNet's ``sample_size`` * 8.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from latentgeo.diffusion.backends.base import cfg_combine, freeze, hw_of
+from latentgeo.diffusion.backends.base import cfg_combine, freeze, hw_of, pick_image_size, place
 from latentgeo.diffusion.backends.latent import LatentBackend, vae_dtype
 from latentgeo.diffusion.grid import Grid
 from latentgeo.diffusion.sampler import ModelFn
@@ -81,8 +82,31 @@ class SDBackend(LatentBackend):
         return model
 
 
-def sd_backend(pipe: Any, name: str, device: torch.device, dtype: torch.dtype) -> SDBackend:
-    """An :class:`SDBackend` from a loaded SD 1.x/2.x pipeline."""
+def vae_scale_factor(vae: Any) -> int:
+    """Pixels per latent cell: 2 ** (number of VAE blocks - 1), as diffusers' pipelines compute
+    ``vae_scale_factor`` (8 for every released SD, SDXL, SD3 and FLUX VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_text_unet(unet: Any, name: str) -> int:
+    """The latent channels of a text-to-image UNet; ModelError for inpainting/depth UNets
+    (more input channels than output channels: image, mask or depth come with the seed)."""
+    channels = int(unet.config.in_channels)
+    if channels != int(unet.config.out_channels):
+        raise ModelError(f"{name}: its UNet takes {channels} input channels but predicts "
+                         f"{unet.config.out_channels} (an inpainting or depth model); only "
+                         "text-to-image UNets are supported")
+    return channels
+
+
+def sd_backend(pipe: Any, name: str, device: torch.device, dtype: torch.dtype,
+               height: int | None = None, width: int | None = None,
+               offload: bool = False) -> SDBackend:
+    """An :class:`SDBackend` from a loaded SD 1.x/2.x pipeline.
+
+    height, width: image size in pixels, multiples of the VAE's scale factor (8); default
+    ``unet.config.sample_size * 8`` as the pipeline's. Seeds are (4, height / 8, width / 8).
+    offload: leave the networks on the CPU (model CPU offload, set up by the loader)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
@@ -91,20 +115,18 @@ def sd_backend(pipe: Any, name: str, device: torch.device, dtype: torch.dtype) -
             and getattr(pipe, "tokenizer", None) is not None):
         raise ModelError(f"{name}: not a Stable Diffusion pipeline (needs a "
                          "UNet2DConditionModel, an AutoencoderKL and a CLIP text encoder)")
-    channels = int(unet.config.in_channels)
-    if channels != int(unet.config.out_channels):
-        raise ModelError(f"{name}: its UNet takes {channels} input channels but predicts "
-                         f"{unet.config.out_channels} (an inpainting or depth model); only "
-                         "text-to-image UNets are supported")
-    unet.to(device, dtype)
-    pipe.text_encoder.to(device, dtype)
-    vae.to(device, vae_dtype(vae, dtype))
+    channels = check_text_unet(unet, name)
+    f = vae_scale_factor(vae)
+    default = hw_of(unet.config.sample_size, name)
+    h, w = pick_image_size(height, width, (default[0] * f, default[1] * f), f, name,
+                           "the VAE's scale factor")
+    place(unet, device, dtype, offload)
+    place(pipe.text_encoder, device, dtype, offload)
+    place(vae, device, vae_dtype(vae, dtype), offload)
     freeze(unet, vae, pipe.text_encoder)
-    hw = hw_of(unet.config.sample_size, name)
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
     return SDBackend(
-        name=name, family="sd", latent_shape=(channels, *hw),
-        image_size=(hw[0] * scale, hw[1] * scale), image_channels=int(vae.config.in_channels),
+        name=name, family="sd", latent_shape=(channels, h // f, w // f),
+        image_size=(h, w), image_channels=int(vae.config.in_channels),
         device=device, dtype=dtype, default_guidance=7.5, default_steps=50,
         conditioning="text", pipeline_class=type(pipe).__name__, vae=vae, unet=unet,
         scheduler=ddim_scheduler(pipe.scheduler.config), text_encoder=pipe.text_encoder,
