@@ -146,15 +146,15 @@ def _permutation(n: int, generator: torch.Generator | None, seed: int) -> torch.
 
 
 def _dno_log_prob(v: torch.Tensor, k: int) -> torch.Tensor:
-    """DNO's log p_mean + log p_cov of one ordering v (N k,) viewed as N blocks of k."""
-    n = v.numel() // k
-    blocks = v.reshape(n, k)
-    m = blocks.mean(0)  # (k,) mean over blocks
+    """DNO's log p_mean + log p_cov of orderings v (P, N k), each viewed as N blocks of k -> (P,)."""
+    n = v.shape[-1] // k
+    blocks = v.reshape(v.shape[0], n, k)
+    m = blocks.mean(1)  # (P, k) mean over blocks
     scaled = blocks / math.sqrt(n)
-    c = scaled.T @ scaled  # (k, k) uncentred second moment
+    c = scaled.transpose(1, 2) @ scaled  # (P, k, k) uncentred second moment
     eye = torch.eye(k, dtype=v.dtype, device=v.device)
     dev = torch.linalg.matrix_norm(c - eye, ord=2)  # spectral norm
-    log_mean = torch.clamp(-n * (m * m).sum() / (2 * k), max=-math.log(2))
+    log_mean = torch.clamp(-n * (m * m).sum(-1) / (2 * k), max=-math.log(2))
     excess = torch.clamp(torch.sqrt(1 + dev) - 1 - math.sqrt(k / n), min=0)
     log_cov = torch.clamp(-n * excess ** 2 / 2, max=-math.log(2))
     return log_mean + log_cov
@@ -171,20 +171,22 @@ def dno(z: torch.Tensor, k: int = 4, permutations: int = 100,
     log p_mean = min(-N |m|^2 / (2k), -log 2) and
     log p_cov = min(-N max(sqrt(1 + ||C - I||_2) - 1 - sqrt(k / N), 0)^2 / 2, -log 2).
     Returns -(sum of both for the natural order + their mean over ``permutations`` random
-    orderings). z: any shape -> scalar. Floor: 4 log 2 ~ 2.77 (both clamps active), reached by
-    noise most of the time; zero gradient there (the bounds are only a penalty once exceeded).
+    orderings), all orderings evaluated as one batch. z: any shape -> scalar. Floor: 4 log 2
+    ~ 2.77 (both clamps active), reached by noise most of the time; zero gradient there (the
+    bounds are only a penalty once exceeded).
     """
     x = _geom(z).flatten()
     d = x.numel()
     if k < 1 or d // k < 1:
         raise InputError(f"dno needs at least one block of k = {k} entries, got {d}")
     used = (d // k) * k
-    total = _dno_log_prob(x[:used], k)
+    orders = [torch.arange(d)]
     if permutations > 0:
         g = generator if generator is not None else torch.Generator().manual_seed(seed)
-        views = [_dno_log_prob(x[torch.randperm(d, generator=g).to(x.device)][:used], k)
-                 for _ in range(permutations)]
-        total = total + torch.stack(views).mean()
+        orders += [torch.randperm(d, generator=g) for _ in range(permutations)]
+    index = torch.stack(orders)[:, :used].to(x.device)
+    lp = _dno_log_prob(x[index], k)
+    total = lp[0] + lp[1:].mean() if permutations > 0 else lp[0]
     return -total
 
 
