@@ -26,9 +26,10 @@ from latentgeo.cli.common import (
     print_table,
 )
 from latentgeo.cli.rendering import Render, RenderModel, RenderSteps
+from latentgeo.spacings import DEFAULT_SPACING, SPACINGS
 
 
-def compute_path(a, b, method: str, steps: int, spacing: str = "nao",
+def compute_path(a, b, method: str, steps: int, spacing: str = DEFAULT_SPACING,
                  max_iters: int | None = None):
     """Run one interpolator on two latents: returns (steps, *a.shape) float32/64 tensor."""
     from latentgeo.interpolation import get_interpolator
@@ -80,9 +81,10 @@ def interpolate(
                                         "nao-reference.")] = "nao",
     steps: Annotated[int, typer.Option("--steps", min=2, help="Points on the path, "
                                        "endpoints included.")] = 9,
-    spacing: Annotated[str, typer.Option("--spacing", help="nao: points equally spaced in NAO "
-                                         "arc length; euclidean: in Euclidean arc length "
-                                         "(method nao).")] = "nao",
+    spacing: Annotated[str, typer.Option("--spacing", help="Where method nao puts the points "
+                                         "along the exact geodesic: " + "; ".join(
+                                             f"{k}: {v}" for k, v in SPACINGS.items()) + "."
+                                         )] = DEFAULT_SPACING,
     max_iters: Annotated[int | None, typer.Option("--max-iters", min=1, help="Iteration cap "
                                                   "of nao-reference (default 10,000).")] = None,
     all_methods: Annotated[bool, typer.Option("--all-methods", help="Also print a table "
@@ -109,8 +111,8 @@ def interpolate(
     from latentgeo.io import load_latent, save_latent_set
 
     get_interpolator(method)  # refuse unknown names before reading anything
-    if spacing not in ("nao", "euclidean"):
-        raise InputError(f"--spacing {spacing!r}: choose nao or euclidean")
+    if spacing not in SPACINGS:
+        raise InputError(f"--spacing {spacing!r}: choose from {', '.join(SPACINGS)}")
     xa, _ = load_latent(a)
     xb, _ = load_latent(b)
     if xa.shape != xb.shape:
