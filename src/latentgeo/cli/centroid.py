@@ -12,20 +12,23 @@ from typing import Annotated, Any
 
 import typer
 
-from latentgeo.cli.common import (
-    ALL_METHODS_REFERENCE_ITERS,
+from latentgeo.cli.common import ALL_METHODS_REFERENCE_ITERS, print_json, print_table
+from latentgeo.cli.options import (
+    CentroidMethod,
     ClassLabel,
     Device,
     Dtype,
     Force,
     Guidance,
     Json,
-    Output,
+    MaxIters,
+    Model,
+    OutputFile,
     Prompt,
-    print_json,
-    print_table,
+    Render,
+    Steps,
+    method_option,
 )
-from latentgeo.cli.rendering import Render, RenderModel, RenderSteps
 
 
 def parse_weights(text: str | None, n: int):
@@ -74,23 +77,21 @@ def summarize(c, x, names, method: str, weights=None, power: int = 1) -> dict[st
 def centroid(
     seeds: Annotated[list[Path], typer.Argument(help="Latent files, directories of latent "
                                                 "files, or one batch file (N, ...).")],
-    output: Output,
-    method: Annotated[str, typer.Option("--method", "-m", help="euclidean, normalized, cog, "
-                                        "spherical, nao, nao-reference.")] = "nao",
+    output: OutputFile,
+    method: Annotated[CentroidMethod, method_option("centroid method")] = "nao",
     power: Annotated[int, typer.Option("--power", help="nao: 1 = the paper's objective "
                                        "sum D + prior, 2 = Frechet mean sum D^2.")] = 1,
     weights: Annotated[str | None, typer.Option("--weights", help="Comma-separated weights, "
                                                 "one per seed.")] = None,
-    max_iters: Annotated[int | None, typer.Option("--max-iters", min=1, help="Iteration cap "
-                                                  "of nao-reference (default 10,000).")] = None,
+    max_iters: MaxIters = None,
     all_methods: Annotated[bool, typer.Option("--all-methods", help="Also print a table "
                                               "comparing every method on the seeds.")] = False,
     render: Render = None,
-    model: RenderModel = "bundled",
+    model: Model = "bundled",
     prompt: Prompt = None,
     class_label: ClassLabel = None,
     guidance: Guidance = None,
-    render_steps: RenderSteps = None,
+    steps: Steps = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
     force: Force = False,
@@ -98,8 +99,8 @@ def centroid(
 ) -> None:
     """Centroid of a set of seeds (default: the exact NAO centroid) written to one file.
 
-    --render DIR also renders the centroid (centroid.png) and every input seed with --model,
-    plus grid.png: the centroid beside the inputs' images.
+    --render DIR also renders the centroid (centroid.png) and every input seed with --model and
+    --steps diffusion steps, plus grid.png: the centroid beside the inputs' images.
     """
     from latentgeo.centroids import CENTROIDS, get_centroid
     from latentgeo.errors import InputError
@@ -115,7 +116,7 @@ def centroid(
     from latentgeo.cli.rendering import prepare_render
 
     job = prepare_render(render, tuple(x.shape[1:]), ["centroid", *names], model, device,
-                         dtype, prompt, class_label, render_steps, guidance, grid=True,
+                         dtype, prompt, class_label, steps, guidance, grid=True,
                          force=force, quiet=json)
     c = compute_centroid(x, method, w, power, max_iters)
     meta = {"method": method, "power": str(power), "n": str(x.shape[0]),

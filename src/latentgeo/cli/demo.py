@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from latentgeo.cli.common import Device, Dtype, Force, Json, Model, Seed, print_json, print_table
+from latentgeo.cli.common import print_json, print_table
+from latentgeo.cli.options import MAX_STEPS, Device, Dtype, Force, Json, Model, Seed
 from latentgeo.errors import InputError
 
 #: Iteration cap for the papers' optimisers with --reference (their default is 10,000).
@@ -22,11 +23,12 @@ def demo(
     = Path("demo-output"),
     model: Model = "bundled",
     seed: Seed = 0,
-    points: Annotated[int, typer.Option("--points", min=3, max=16,
-                                        help="Points per interpolation path.")] = 7,
+    points: Annotated[int, typer.Option("--points", min=3, max=16, help="Points on each "
+                                        "interpolation path, endpoints included.")] = 7,
     inputs: Annotated[int, typer.Option("--inputs", min=2, max=16,
                                         help="Seeds averaged by each centroid method.")] = 4,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="DDIM steps.")] = DEMO_STEPS,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=MAX_STEPS,
+                                       help="Diffusion (DDIM) steps.")] = DEMO_STEPS,
     reference: Annotated[bool, typer.Option(
         "--reference", help="Also run the papers' optimisers (nao-reference), capped at "
         f"{REFERENCE_ITERS} iterations (slow: tens of seconds).")] = False,

@@ -7,19 +7,20 @@ from typing import Annotated
 
 import typer
 
-from latentgeo.cli.common import (
+from latentgeo.cli.common import print_json, print_table
+from latentgeo.cli.options import (
+    BatchSize,
     ClassLabel,
     Device,
     Dtype,
     Force,
     Guidance,
+    ImageFolder,
     Json,
     Model,
     Prompt,
-    print_json,
-    print_table,
+    Steps,
 )
-from latentgeo.cli.rendering import BatchSize
 from latentgeo.errors import InputError, ShapeError
 
 
@@ -56,13 +57,11 @@ def load_seeds(items: list[str], latent_shape: tuple[int, ...]):
 def render(
     seeds: Annotated[list[str], typer.Argument(help="Seed files (.pt/.safetensors) or "
                                                "directories of them.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory for "
-                                         "the PNGs.")],
+    output: ImageFolder,
     model: Model = "bundled",
     prompt: Prompt = None,
     class_label: ClassLabel = None,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="DDIM steps "
-                                              "(default: the model's).")] = None,
+    steps: Steps = None,
     guidance: Guidance = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from latentgeo.cli.common import Force, Json, Output, print_json, print_table, progress_bar
+from latentgeo.cli.common import print_json, print_table, progress_bar
+from latentgeo.cli.options import (
+    Alpha,
+    Force,
+    Json,
+    Output,
+    ReprojectionMethod,
+    finite,
+    method_option,
+)
 from latentgeo.errors import InputError
 
 Files = Annotated[list[Path], typer.Argument(help="Latent files (.pt/.safetensors) or "
@@ -17,15 +26,15 @@ Files = Annotated[list[Path], typer.Argument(help="Latent files (.pt/.safetensor
 def reproject(
     files: Files,
     output: Output,
-    method: Annotated[str, typer.Option(
-        "--method", help="fast (closed form), or a regulariser: moment+spectral, moment, "
-        "spectral, kl, kurtosis, norm, covariance.")] = "fast",
+    method: Annotated[ReprojectionMethod, method_option(
+        "reprojection method: fast (closed form) or a regulariser")] = "fast",
     strength: Annotated[float, typer.Option(
-        "--strength", help="Regulariser weight s in |z'-z|^2/d + s R(z').")] = 1.0,
-    max_steps: Annotated[int, typer.Option("--max-steps", min=0, help="Optimiser steps "
-                                           "(fast: iterations) at most.")] = 500,
-    alpha: Annotated[float, typer.Option("--alpha", min=1e-12, max=0.5,
-                                         help="Stop when stats pass at this level.")] = 0.01,
+        "--strength", min=0.0, callback=finite,
+        help="Regulariser weight s in |z'-z|^2/d + s R(z').")] = 1.0,
+    max_iters: Annotated[int, typer.Option(
+        "--max-iters", min=0, max=10_000_000,
+        help="Iteration cap of the optimiser (fast: of its iterations).")] = 500,
+    alpha: Alpha = 0.01,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -34,11 +43,8 @@ def reproject(
     Writes one file per input into the output directory (same name), with provenance metadata.
     """
     from latentgeo.io import expand_latent_paths, load_latent, output_is_dir, save_latent
-    from latentgeo.reprojection import METHODS
     from latentgeo.reprojection import reproject as reproject_latent
 
-    if method not in METHODS:
-        raise InputError(f"--method {method!r}: unknown (choose from {', '.join(METHODS)})")
     paths = expand_latent_paths(files)
     if not output_is_dir(output) and len(paths) > 1:
         raise InputError(f"{output}: several inputs need an output directory (trailing '/')")
@@ -52,8 +58,8 @@ def reproject(
     results = []
     for p, target in zip(paths, targets):
         z, meta = load_latent(p)
-        with progress_bar(f"{p.name} ({method})", max_steps, quiet=json) as advance:
-            res = reproject_latent(z, method=method, strength=strength, max_steps=max_steps,
+        with progress_bar(f"{p.name} ({method})", max_iters, quiet=json) as advance:
+            res = reproject_latent(z, method=method, strength=strength, max_steps=max_iters,
                                    alpha=alpha, callback=advance)
         meta = {**meta, "method": f"reproject:{method}", "reproject_steps": str(res.steps)}
         save_latent(target, res.latent, meta, force=force)

@@ -7,12 +7,11 @@ from typing import Annotated
 
 import typer
 
-from latentgeo.cli.common import Force, Json, console, print_json, print_table
+from latentgeo.cli.common import console, print_json, print_table
+from latentgeo.cli.options import Alpha, Force, Json
 
 Files = Annotated[list[Path], typer.Argument(help="Latent files (.pt/.safetensors) or "
                                              "directories of them; one latent per file.")]
-Alpha = Annotated[float, typer.Option("--alpha", min=1e-12, max=0.5,
-                                      help="Family-wise false-alarm rate of the verdict.")]
 
 
 def stats(
