@@ -11,7 +11,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,7 +70,11 @@ class LatentgeoGroup(TyperGroup):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with sigterm_unwinds():
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except Terminated:  # outside a command (while parsing): nothing to clean up
+            print("error: terminated", file=sys.stderr)
+            sys.exit(143)
         except typer.Abort:
             print("error: aborted", file=sys.stderr)
             sys.exit(1)
@@ -100,23 +106,121 @@ def usage_message(text: str) -> str:
     return message
 
 
-def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a ``LatentgeoError`` into ``error: ...`` on stderr and exit status 2.
+class Terminated(BaseException):
+    """Raised in the main thread by the CLI's SIGTERM handler: unwinds like KeyboardInterrupt
+    (temporary files removed, nothing half-published), then exit status 143."""
 
-    ``LATENTGEO_DEBUG=1`` re-raises instead, to show the traceback.
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """While the CLI runs, SIGTERM raises :class:`Terminated` instead of killing the process
+    outright, so every ``finally``/``except BaseException`` cleanup runs (only possible in the
+    main thread; elsewhere nothing changes)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def os_error_line(e: OSError) -> str:
+    """An OS error in the user's terms: the file, then the system's reason."""
+    reason = e.strerror or _first_line(str(e)) or type(e).__name__
+    where = e.filename if e.filename is not None else ""
+    if e.filename2 is not None:
+        where = f"{e.filename} -> {e.filename2}"
+    return f"{where}: {reason}" if where else reason
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command so that nothing but one line reaches the user when it fails.
+
+    ``LatentgeoError`` becomes ``error: ...`` on stderr and exit status 2; so do OS errors
+    (read-only folder, disk full, a file where a folder is expected) and running out of memory.
+    Ctrl-C and SIGTERM print ``error: interrupted`` / ``error: terminated`` (exit 130 / 143)
+    after every temporary file is removed. Library warnings (numpy, torch, Pillow, diffusers)
+    are silenced while the command runs. ``LATENTGEO_DEBUG=1`` shows warnings and re-raises,
+    to show the traceback.
     """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                if not debug():
+                    warnings.simplefilter("ignore")
+                return fn(*args, **kwargs)
         except LatentgeoError as e:
             if debug():
                 raise
             print(f"error: {one_line(str(e))}", file=sys.stderr)
             raise typer.Exit(2) from None
+        except OSError as e:
+            if debug():
+                raise
+            print(f"error: {one_line(os_error_line(e))}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        except MemoryError:
+            if debug():
+                raise
+            print("error: out of memory (try a smaller --batch-size or fewer inputs)",
+                  file=sys.stderr)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+        except Terminated:
+            print("error: terminated", file=sys.stderr)
+            raise typer.Exit(143) from None
 
     return wrapper
+
+
+#: A latent whose RMS entry (float64) is below this has, for every norm-aware method, zero norm:
+#: zero itself, or denormal numbers whose direction float32 cannot represent.
+ZERO_RMS = 1e-30
+
+
+def rms(x: Any) -> float:
+    """Root-mean-square entry of a tensor, in float64 (no overflow, no underflow)."""
+    return float(x.detach().double().pow(2).mean().sqrt())
+
+
+def refuse_zero(x: Any, name: str, what: str) -> None:
+    """InputError when latent ``x`` (read from ``name``) has (almost) zero norm, which
+    ``what`` ('slerp interpolation', ...) cannot take."""
+    from latentgeo.errors import InputError
+
+    r = rms(x)
+    if r < ZERO_RMS:
+        kind = "the zero latent" if r == 0 else f"a latent of almost zero norm ({r:.3g} per entry)"
+        raise InputError(f"{name}: is {kind}; {what} needs a direction, and a seed's entries "
+                         "are about 1 in size")
+
+
+def refuse_non_finite(x: Any, what: str) -> None:
+    """LatentgeoError before writing when a computed result has NaN or infinite entries."""
+    import torch
+
+    from latentgeo.errors import InputError
+
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise InputError(f"{what} has {bad} NaN or infinite entries for these inputs; nothing "
+                         "was written")
 
 
 def strict(obj: Any) -> Any:

@@ -58,15 +58,11 @@ def expand_image_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
-    """File stems, made unique with -2, -3, ... in input order."""
-    seen: dict[str, int] = {}
-    names = []
-    for p in paths:
-        stem = p.stem
-        k = seen.get(stem, 0) + 1
-        seen[stem] = k
-        names.append(stem if k == 1 else f"{stem}-{k}")
-    return names
+    """File stems, made unique by :func:`latentgeo.io.unique_names` (a later input sharing a
+    stem gets the first free -2, -3, ... that no other input is named)."""
+    from latentgeo.io import unique_names
+
+    return unique_names([p.stem for p in paths])
 
 
 def invert(
@@ -184,7 +180,7 @@ def invert(
         written = [save_latent(output, result.seeds, {**meta, "source": sources}, force=force)]
 
     z = norm_z_scores(result.seeds)
-    norms = result.seeds.flatten(1).norm(dim=1)
+    norms = result.seeds.flatten(1).double().norm(dim=1)
     rows = []
     for i, (p, _name, _target, _) in enumerate(good):
         row = {"image": str(p), "seed": str(written[i] if to_dir else f"{written[0]}[{i}]"),

@@ -9,11 +9,8 @@ import typer
 from latentgeo.cli.common import print_json, print_table
 from latentgeo.cli.options import Force, Format, Json, Num, Output, Seed
 from latentgeo.errors import InputError
+from latentgeo.limits import MAX_ELEMENTS
 from latentgeo.presets import LATENT_SHAPES
-
-#: Largest number of elements ``sample`` draws in one run (2**31: 8 GiB of float32), checked
-#: before any memory is taken.
-MAX_SAMPLE_ELEMENTS = 2**31
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -42,7 +39,7 @@ def sample(
     json: Json = False,
 ) -> None:
     """Draw reproducible N(0, I) seeds and write them to a file or a directory."""
-    from latentgeo.io import output_is_dir, save_latent, save_latent_set
+    from latentgeo.io import all_or_nothing, output_is_dir, save_latent, save_latent_set
     from latentgeo.sampling import sample_seeds
 
     if (shape is None) == (like is None):
@@ -54,18 +51,19 @@ def sample(
     size = n
     for s in dims:
         size *= s
-    if size > MAX_SAMPLE_ELEMENTS:
-        raise InputError(f"-n {n} seeds of shape {','.join(map(str, dims))} would be {size:.3g} "
-                         f"numbers; the limit of one run is {MAX_SAMPLE_ELEMENTS:.3g}")
+    if size > MAX_ELEMENTS:
+        raise InputError(f"-n {n} seeds of shape {','.join(map(str, dims))} would be {size:,} "
+                         f"numbers; one run draws at most {MAX_ELEMENTS:,}")
     z = sample_seeds(n, dims, seed=seed)
     meta = {"method": "sample", "seed": str(seed), "shape": ",".join(map(str, dims))}
     if output_is_dir(output):
         names = [f"seed{seed}_{i:03d}" for i in range(n)]
-        written = save_latent_set(output, z, names, metadata=meta, force=force,
-                                  suffix=f".{fmt}")
+        with all_or_nothing():
+            written = save_latent_set(output, z, names, metadata=meta, force=force,
+                                      suffix=f".{fmt}")
     else:
         written = [save_latent(output, z[0] if n == 1 else z, meta, force=force)]
-    norms = z.flatten(1).norm(dim=1)
+    norms = z.flatten(1).double().norm(dim=1)
     if json:
         print_json({"shape": list(dims), "n": n, "seed": seed, "files": [str(p) for p in written],
                     "norms": norms.tolist()})
