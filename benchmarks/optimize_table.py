@@ -235,7 +235,8 @@ def write_report(out: Path, p: Protocol, base: dict, summaries: list[dict], rows
                            f"n = {best['n']} the ranking among them is not significant.")
     none = next((s for s in summaries if s["reg"] == "none"), None)
     text = [
-        "# Seed optimisation: reward hacking in miniature" + (" (QUICK smoke run)" if quick else ""),
+        "# Seed optimisation: reward hacking in miniature"
+        + (" (QUICK smoke run)" if quick else ""),
         "",
         f"`python benchmarks/optimize_table.py{' --quick' if quick else ''}` regenerates this "
         "page (seed fixed). Protocol: the bundled model, unconditional (null class), "

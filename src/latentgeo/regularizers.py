@@ -146,7 +146,7 @@ def _permutation(n: int, generator: torch.Generator | None, seed: int) -> torch.
 
 
 def _dno_log_prob(v: torch.Tensor, k: int) -> torch.Tensor:
-    """DNO's log p_mean + log p_cov of orderings v (P, N k), each viewed as N blocks of k -> (P,)."""
+    """DNO's log p_mean + log p_cov of orderings v (P, N k), each as N blocks of k -> (P,)."""
     n = v.shape[-1] // k
     blocks = v.reshape(v.shape[0], n, k)
     m = blocks.mean(1)  # (P, k) mean over blocks

@@ -119,7 +119,6 @@ def optimize(backend: Any, seeds: torch.Tensor, rewards: Sequence[Reward | str],
     r_per_seed = isinstance(reward_condition, (list, tuple))
     r_conds = backend.per_row(reward_condition, b) if r_per_seed else None
     backend.check_condition(condition)
-    target_fn = _combined(rewards, weights, heldout=False)
     heldout_fn = heldout if heldout is not None else _combined(rewards, weights, heldout=True)
     reg_fn, lam = REGULARIZERS[settings.reg], settings.reg_weight
     randomised = settings.reg in RANDOMISED
