@@ -159,3 +159,15 @@ def test_end_to_end_tiny_sd_with_tiny_clip_reward(cli, tmp_path, tiny_clip):
     with torch.no_grad():
         value = float(reward(render(backend, z[None], "the dog", steps=2), "the dog")[0])
     assert abs(value - out["reward_after"]) < 1e-4
+
+
+def test_names_table_equals_the_optimize_registries():
+    from latentgeo.cli import names
+    from latentgeo.optimize import PRESETS, REWARDS
+    from latentgeo.optimize.optimizers import OPTIMIZERS
+    from latentgeo.regularizers import REGULARIZERS
+
+    assert names.REGULARIZERS == tuple(REGULARIZERS)
+    assert names.OPTIMIZE_PRESETS == tuple(PRESETS)
+    assert names.OPTIMIZERS == OPTIMIZERS
+    assert names.REWARD_KINDS == tuple(REWARDS)

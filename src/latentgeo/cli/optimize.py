@@ -130,11 +130,11 @@ def optimize(
     from latentgeo.optimize import parse_reward, resolve
 
     paths = expand_latent_paths([str(s) for s in seeds])  # missing files fail before loading
+    if lr is not None and lr <= 0:
+        raise InputError(f"--lr {lr}: must be positive")
     settings = resolve(preset, optimizer=optimizer, lr=lr, iters=iters, reg=reg,
                        reg_weight=reg_weight, rescale=rescale,
                        clip=None if clip is None else (math.inf if clip == 0 else clip))
-    if lr is not None and lr <= 0:
-        raise InputError(f"--lr {lr}: must be positive")
     to_dir = output_is_dir(output)
     if to_dir and output.exists() and not output.is_dir():
         raise InputError(f"{output}: exists and is not a directory")
