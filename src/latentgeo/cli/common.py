@@ -266,8 +266,10 @@ def fmt(v: Any) -> str:
 @contextmanager
 def progress_bar(description: str, total: int, quiet: bool = False
                  ) -> Iterator[Callable[..., None]]:
-    """Yield a ``callback(advance=1)`` that drives one Rich bar on stderr."""
-    if quiet:
+    """Yield a ``callback(advance=1)`` that drives one Rich bar on stderr. No bar when
+    ``quiet`` or when stderr is not a terminal (a log file or pipe gets no bar and no blank
+    line, so errors stay one line)."""
+    if quiet or not err_console.is_terminal:
         yield lambda *a, **k: None
         return
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
