@@ -515,3 +515,20 @@ def test_decompression_bomb_png(cli, tmp_path):
     run_refused(cli, tmp_path, ["invert", tmp_path / "bomb.png", "-o", f"{tmp_path / 's'}/",
                                 "--model", tiny_pixel_path(), "--steps", "1"], "bomb.png",
                 "pixels")
+
+
+# -- demo and sample: single-output commands write nothing when refused -----------------------
+def test_demo_refusals_write_nothing(cli, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    run_refused(cli, tmp_path, ["demo", "-o", tmp_path / "file"], "not a directory")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "centroids.png").write_bytes(b"keep me")
+    run_refused(cli, tmp_path, ["demo", "-o", tmp_path / "d"], "centroids.png", "--force")
+    run_refused(cli, tmp_path, ["demo", "-o", tmp_path / "e", "--points", "1000"], "--points",
+                usage=True)
+
+
+def test_interpolate_path_too_large(cli, tmp_path):
+    a = latent(tmp_path / "a.pt", shape=(4, 128, 128))
+    run_refused(cli, tmp_path, ["interpolate", a, a, "-o", tmp_path / "p.pt", "--points",
+                                "90000"], "--points", "limit")
