@@ -32,9 +32,10 @@ from latentgeo.cli.options import (
     Steps,
     method_option,
 )
+from latentgeo.spacings import DEFAULT_SPACING, SPACINGS
 
 
-def compute_path(a, b, method: str, points: int, spacing: str = "nao",
+def compute_path(a, b, method: str, points: int, spacing: str = DEFAULT_SPACING,
                  max_iters: int | None = None):
     """Run one interpolator on two latents: returns (points, *a.shape) float32/64 tensor."""
     from latentgeo.interpolation import get_interpolator
@@ -86,9 +87,10 @@ def interpolate(
     output: Output,
     method: Annotated[InterpolationMethod, method_option("interpolation method")] = "nao",
     points: Points = 9,
-    spacing: Annotated[Spacing, typer.Option("--spacing", help="nao: points equally spaced in "
-                                             "NAO arc length; euclidean: in Euclidean arc "
-                                             "length (method nao).")] = "nao",
+    spacing: Annotated[Spacing, typer.Option("--spacing", help="Where method nao puts the points "
+                                             "along the exact geodesic: " + "; ".join(
+                                                 f"{k}: {v}" for k, v in SPACINGS.items()) + "."
+                                             )] = DEFAULT_SPACING,
     max_iters: MaxIters = None,
     all_methods: Annotated[bool, typer.Option("--all-methods", help="Also print a table "
                                               "comparing every method on A and B.")] = False,

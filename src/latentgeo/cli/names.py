@@ -8,6 +8,8 @@ to a registry without a line here fails the suite rather than silently missing f
 
 from __future__ import annotations
 
+from latentgeo import spacings as _spacings
+
 #: ``latentgeo.interpolation.INTERPOLATORS``
 INTERPOLATION_METHODS: tuple[str, ...] = ("lerp", "slerp", "nlerp", "cog", "nao", "nao-reference")
 
@@ -19,8 +21,9 @@ CENTROID_METHODS: tuple[str, ...] = ("euclidean", "normalized", "cog", "spherica
 REPROJECTION_METHODS: tuple[str, ...] = ("fast", "moment", "spectral", "moment+spectral", "kl",
                                          "kurtosis", "norm", "covariance")
 
-#: Point spacing of the ``nao`` interpolator (``interpolation.nao(spacing=...)``).
-SPACINGS: tuple[str, ...] = ("nao", "euclidean")
+#: Point spacing of the ``nao`` interpolator (``interpolation.nao(spacing=...)``); the registry
+#: itself is torch-free, so it is read directly.
+SPACINGS: tuple[str, ...] = tuple(_spacings.SPACINGS)
 
 #: Latent file formats, by suffix without the dot (``io.LATENT_SUFFIXES``).
 LATENT_FORMATS: tuple[str, ...] = ("safetensors", "pt")
