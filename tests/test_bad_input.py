@@ -532,3 +532,34 @@ def test_interpolate_path_too_large(cli, tmp_path):
     a = latent(tmp_path / "a.pt", shape=(4, 128, 128))
     run_refused(cli, tmp_path, ["interpolate", a, a, "-o", tmp_path / "p.pt", "--points",
                                 "90000"], "--points", "limit")
+
+
+def test_render_never_writes_black_images_for_unrenderable_seeds(cli, tmp_path):
+    """Seeds with entries near 1e38 (finite float32) overflow the network: refused, no PNG."""
+    z = latent(tmp_path / "huge.pt", shape=TINY_PIXEL_LATENT, scale=3e37)
+    run_refused(cli, tmp_path, ["render", z, "-o", tmp_path / "out", "--model",
+                                tiny_pixel_path(), "--steps", "2"], "NaN or infinite pixels",
+                "huge")
+
+
+def test_invert_skips_a_seed_that_came_out_non_finite(cli, tmp_path, monkeypatch):
+    """A non-finite seed is never written: that image is skipped by name, the others written."""
+    import latentgeo.diffusion.inversion as inversion
+
+    real = inversion.invert_images
+
+    def half_nan(*a, **k):
+        result = real(*a, **k)
+        result.seeds[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(inversion, "invert_images", half_nan)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, name in enumerate(("a.png", "b.png")):
+        Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(src / name)
+    r = run_refused(cli, tmp_path, ["invert", src, "-o", f"{tmp_path / 's'}/", "--model",
+                                    tiny_pixel_path(), "--steps", "1", "--fixed-point", "0"],
+                    "1 input(s) skipped", batch=True)
+    assert "a.png: inversion gave NaN" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["b.safetensors"]
