@@ -563,3 +563,32 @@ def test_invert_skips_a_seed_that_came_out_non_finite(cli, tmp_path, monkeypatch
                     "1 input(s) skipped", batch=True)
     assert "a.png: inversion gave NaN" in r.stderr
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["b.safetensors"]
+
+
+def test_absurdly_large_latents_for_norm_aware_methods(cli, tmp_path):
+    """float64 entries near 1e300 break the NAO arithmetic (math domain errors): one line."""
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64) * 1e300
+    a, b = save_latent(tmp_path / "a.pt", x[0]), save_latent(tmp_path / "b.pt", x[1])
+    run_refused(cli, tmp_path, ["centroid", a, b, "-o", tmp_path / "c.pt"], "nao centroid")
+    run_refused(cli, tmp_path, ["interpolate", a, b, "-o", tmp_path / "p.pt"], "nao path")
+
+
+def test_float_image_with_infinite_pixels(cli, tmp_path):
+    Image.fromarray(np.full((16, 16), np.inf, np.float32), mode="F").save(tmp_path / "inf.tif")
+    run_refused(cli, tmp_path, ["invert", tmp_path / "inf.tif", "-o", f"{tmp_path / 's'}/",
+                                "--model", tiny_pixel_path(), "--steps", "1"], "inf.tif",
+                "infinite")
+
+
+def test_an_unexpected_exception_is_still_one_line(cli, tmp_path, monkeypatch):
+    """A bug (here: an injected RuntimeError) prints one line and exits 1, not a traceback."""
+    import latentgeo.sampling
+
+    def broken(*a, **k):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(latentgeo.sampling, "sample_seeds", broken)
+    r = cli("sample", "--shape", "3", "-o", tmp_path / "x.pt", expect=1)
+    assert r.stderr.splitlines() == [
+        "error: unexpected RuntimeError: boom (a bug; LATENTGEO_DEBUG=1 shows the traceback)"]
+    assert not list(tmp_path.iterdir())

@@ -381,12 +381,16 @@ def all_or_nothing() -> Iterator[None]:
 
 
 def _make_parents(folder: Path) -> list[Path]:
-    """``mkdir -p folder``; returns the folders it created, outermost first."""
+    """``mkdir -p folder``; returns the folders it created, outermost first. A file where a
+    folder is needed is an ``OutputExistsError`` naming it."""
     missing = []
     p = folder
     while not p.exists() and p != p.parent:
         missing.append(p)
         p = p.parent
+    if p.exists() and not p.is_dir():
+        raise OutputExistsError(f"{p}: is a file, not a folder, so nothing can be written "
+                                "inside it")
     folder.mkdir(parents=True, exist_ok=True)
     return missing[::-1]
 
@@ -410,7 +414,10 @@ def atomic_write(path: Path, write: Callable[[Path], None], force: bool = False)
     created = _make_parents(path.parent)
     if pending is not None:
         pending.dirs.extend(created)
-    tmp = _create_temp_beside(path)
+    try:
+        tmp = _create_temp_beside(path)
+    except OSError as e:
+        raise _about(e, path) from None
     try:
         mode = tmp.stat().st_mode & 0o777
         write(tmp)
@@ -420,15 +427,22 @@ def atomic_write(path: Path, write: Callable[[Path], None], force: bool = False)
             pending.items.append((tmp, path, force))
             return path
         publish(tmp, path, force)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
         if pending is None:
             for d in reversed(created):
                 with contextlib.suppress(OSError):
                     d.rmdir()
+        if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
+            raise _about(e, path) from None
         raise
     return path
+
+
+def _about(e: OSError, path: Path) -> OSError:
+    """The OS error ``e`` about the output ``path`` (not its hidden temporary file)."""
+    return type(e)(e.errno, e.strerror or str(e), str(path)) if e.errno else e
 
 
 def save_latent(path: str | os.PathLike, x: torch.Tensor, metadata: dict[str, str] | None = None,

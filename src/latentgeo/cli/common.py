@@ -179,7 +179,8 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             print(f"error: {one_line(cli_message(e))}", file=sys.stderr)
             raise typer.Exit(2) from None
         except OSError as e:
-            if debug():
+            # a closed pipe (`latentgeo stats ... | head`) is Typer's quiet exit, not an error
+            if debug() or isinstance(e, BrokenPipeError):
                 raise
             print(f"error: {one_line(os_error_line(e))}", file=sys.stderr)
             raise typer.Exit(2) from None
@@ -195,6 +196,12 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Terminated:
             print("error: terminated", file=sys.stderr)
             raise typer.Exit(143) from None
+        except Exception as e:  # a bug: still one line, and exit 1 (not a refusal)
+            if debug():
+                raise
+            print(f"error: unexpected {type(e).__name__}: {one_line(_first_line(str(e)))} "
+                  "(a bug; LATENTGEO_DEBUG=1 shows the traceback)", file=sys.stderr)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -219,6 +226,20 @@ def refuse_zero(x: Any, name: str, what: str) -> None:
         kind = "the zero latent" if r == 0 else f"a latent of almost zero norm ({r:.3g} per entry)"
         raise InputError(f"{name}: is {kind}; {what} needs a direction, and a seed's entries "
                          "are about 1 in size")
+
+
+@contextmanager
+def numbers_in_range(what: str, x: Any) -> Iterator[None]:
+    """Turn the math core's arithmetic failures on absurd inputs (ValueError: math domain
+    error, OverflowError, ...) into one InputError about ``what`` and the inputs' size."""
+    from latentgeo.errors import InputError
+
+    try:
+        yield
+    except (ValueError, OverflowError, ZeroDivisionError, FloatingPointError) as e:
+        raise InputError(f"{what} cannot be computed for these latents ({_first_line(str(e))}; "
+                         f"entries up to {float(x.detach().abs().max()):.3g}, where a seed's "
+                         "are about 1)") from None
 
 
 def refuse_non_finite(x: Any, what: str) -> None:

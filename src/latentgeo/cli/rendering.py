@@ -32,8 +32,9 @@ def condition_from(backend: Any, prompt: str | None, class_label: int | None) ->
     try:
         backend.check_condition(condition)
     except InputError as e:
-        raise InputError(f"--class {class_label}: {e}" if class_label is not None else str(e)) \
-            from None
+        text = str(e).removeprefix(f"class {class_label}: ")
+        raise InputError(f"--class {class_label}: {text}" if class_label is not None
+                         else str(e)) from None
     return condition
 
 
