@@ -48,7 +48,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from latentgeo.errors import InputError, LatentgeoError, OutputExistsError, ShapeError
+from latentgeo.errors import (
+    InputError,
+    LatentgeoError,
+    OutputExistsError,
+    ShapeError,
+    exists_error,
+)
 from latentgeo.limits import MAX_ELEMENTS
 
 LATENT_SUFFIXES = (".pt", ".safetensors")
@@ -298,7 +304,8 @@ def publish(tmp: Path, path: Path, force: bool = False) -> None:
     ``force``: atomic rename over whatever is there. Otherwise never replace: a hard link
     fails if ``path`` exists (two writers racing for one new name: exactly one wins); where
     hard links are unsupported, the name is first created exclusively, then renamed over.
-    Raises ``OutputExistsError`` when the name is taken; ``tmp`` is consumed on success.
+    Raises ``OutputExistsError`` (:func:`~latentgeo.errors.exists_error`) when the name is
+    taken; ``tmp`` is consumed on success.
     """
     if force:
         os.replace(tmp, path)
@@ -306,14 +313,14 @@ def publish(tmp: Path, path: Path, force: bool = False) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise OutputExistsError(f"{path}: exists (use --force to overwrite)") from None
+        raise exists_error(path) from None
     except OSError as e:
         if e.errno not in _NO_HARD_LINKS:
             raise
         try:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         except FileExistsError:
-            raise OutputExistsError(f"{path}: exists (use --force to overwrite)") from None
+            raise exists_error(path) from None
         try:
             os.replace(tmp, path)
         except BaseException:
@@ -394,7 +401,7 @@ def atomic_write(path: Path, write: Callable[[Path], None], force: bool = False)
     """
     path = Path(path)
     if path.exists() and not force:
-        raise OutputExistsError(f"{path}: exists (use --force to overwrite)")
+        raise exists_error(path)
     if path.is_dir():
         raise OutputExistsError(f"{path}: is a directory")
     pending = _PENDING.get()
@@ -518,5 +525,5 @@ def save_latent_set(out: str | os.PathLike, x: torch.Tensor, names: Sequence[str
     if not force:
         clash = [t for t in targets if t.exists()]
         if clash:
-            raise OutputExistsError(f"{clash[0]}: exists (use --force to overwrite)")
+            raise exists_error(clash[0])
     return [save_latent(t, row, metadata, force=force) for t, row in zip(targets, x)]

@@ -145,6 +145,16 @@ def _first_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
+def cli_message(e: LatentgeoError) -> str:
+    """A library error in the CLI's words: the library names arguments (``force=True``), the
+    CLI names its flags (``--force``)."""
+    from latentgeo.errors import OutputExistsError
+
+    if isinstance(e, OutputExistsError) and getattr(e, "path", None) is not None:
+        return f"{e.path}: exists (use --force to overwrite)"
+    return str(e)
+
+
 def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command so that nothing but one line reaches the user when it fails.
 
@@ -166,7 +176,7 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except LatentgeoError as e:
             if debug():
                 raise
-            print(f"error: {one_line(str(e))}", file=sys.stderr)
+            print(f"error: {one_line(cli_message(e))}", file=sys.stderr)
             raise typer.Exit(2) from None
         except OSError as e:
             if debug():
@@ -266,8 +276,10 @@ def fmt(v: Any) -> str:
 @contextmanager
 def progress_bar(description: str, total: int, quiet: bool = False
                  ) -> Iterator[Callable[..., None]]:
-    """Yield a ``callback(advance=1)`` that drives one Rich bar on stderr."""
-    if quiet:
+    """Yield a ``callback(advance=1)`` that drives one Rich bar on stderr. No bar when
+    ``quiet`` or when stderr is not a terminal (a log file or pipe gets no bar and no blank
+    line, so errors stay one line)."""
+    if quiet or not err_console.is_terminal:
         yield lambda *a, **k: None
         return
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),

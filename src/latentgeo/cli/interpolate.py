@@ -114,9 +114,10 @@ def interpolate(
     """
     from latentgeo.cli.common import refuse_non_finite, refuse_zero
     from latentgeo.cli.rendering import prepare_render
-    from latentgeo.errors import ShapeError
+    from latentgeo.errors import InputError, ShapeError
     from latentgeo.interpolation import INTERPOLATORS
     from latentgeo.io import all_or_nothing, load_latent, save_latent_set
+    from latentgeo.limits import MAX_ELEMENTS
 
     xa, _ = load_latent(a)
     xb, _ = load_latent(b)
@@ -126,6 +127,10 @@ def interpolate(
         what = "--all-methods" if method == "lerp" else f"{method} interpolation"
         refuse_zero(xa, str(a), what)
         refuse_zero(xb, str(b), what)
+    if points * xa.numel() > MAX_ELEMENTS:
+        raise InputError(f"--points {points}: a path of {points} latents of shape "
+                         f"{tuple(xa.shape)} would hold {points * xa.numel():,} numbers; the "
+                         f"limit is {MAX_ELEMENTS:,}")
     names = [f"step{i:03d}" for i in range(points)]
     job = prepare_render(render, tuple(xa.shape), names, model, device, dtype, prompt,
                          class_label, steps, guidance, strip=True, force=force, quiet=json)
