@@ -145,3 +145,24 @@ def test_library_messages_name_no_cli_flags():
                             and re.search(r"(^|[\s(])--[a-z]", const.value)):
                         offenders.append(f"{path.name}:{node.lineno}: {const.value}")
     assert not offenders, offenders
+
+
+def test_guard_lets_typer_control_flow_through():
+    """typer.Exit and usage errors raised inside a command are not reported as bugs."""
+    from typer.testing import CliRunner
+
+    from latentgeo.cli.common import LatentgeoGroup, guard
+
+    app2 = typer.Typer(cls=LatentgeoGroup)
+
+    def quits(code: int = 0) -> None:
+        raise typer.Exit(code)
+
+    def bad() -> None:
+        raise typer.BadParameter("no good")
+
+    app2.command("quits")(guard(quits))
+    app2.command("bad")(guard(bad))
+    assert CliRunner().invoke(app2, ["quits", "--code", "3"]).exit_code == 3
+    r = CliRunner().invoke(app2, ["bad"])
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and "bug" not in r.stderr

@@ -196,6 +196,8 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Terminated:
             print("error: terminated", file=sys.stderr)
             raise typer.Exit(143) from None
+        except (typer.Exit, typer.Abort, typer.TyperException):  # Typer's own control flow
+            raise
         except Exception as e:  # a bug: still one line, and exit 1 (not a refusal)
             if debug():
                 raise
