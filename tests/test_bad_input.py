@@ -592,3 +592,43 @@ def test_an_unexpected_exception_is_still_one_line(cli, tmp_path, monkeypatch):
     assert r.stderr.splitlines() == [
         "error: unexpected RuntimeError: boom (a bug; LATENTGEO_DEBUG=1 shows the traceback)"]
     assert not list(tmp_path.iterdir())
+
+
+def test_two_writers_threads_one_paused_on_an_event(tmp_path, monkeypatch):
+    """In-process twin of tests/test_processes.py::test_two_writers_one_new_path: writer A
+    has passed the existence check and is paused (threading.Event) inside its writer; writer B
+    publishes the same new path; A then fails with OutputExistsError and B's file is intact."""
+    import threading
+
+    import latentgeo.io as lio
+    from latentgeo.errors import OutputExistsError
+    from latentgeo.io import load_latent
+
+    real, paused, go = lio.save_file, threading.Event(), threading.Event()
+
+    def writer(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        if threading.current_thread().name == "A":
+            paused.set()
+            assert go.wait(30)
+
+    monkeypatch.setattr(lio, "save_file", writer)
+    target = tmp_path / "z.safetensors"
+    outcome = {}
+
+    def run_a():
+        try:
+            save_latent(target, torch.ones(4))
+            outcome["A"] = "written"
+        except OutputExistsError as e:
+            outcome["A"] = e
+
+    a = threading.Thread(target=run_a, name="A")
+    a.start()
+    assert paused.wait(30)
+    save_latent(target, torch.full((4,), 2.0))  # writer B, in the main thread
+    go.set()
+    a.join(30)
+    assert isinstance(outcome["A"], OutputExistsError)
+    assert torch.equal(load_latent(target)[0], torch.full((4,), 2.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["z.safetensors"]
