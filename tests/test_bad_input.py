@@ -405,6 +405,9 @@ def test_os_error_while_writing(cli, tmp_path, monkeypatch, code):
     (["invert", "z.png", "-o", "out/", "--steps", "0"], "--steps"),
     (["interpolate", "a.pt", "b.pt", "-o", "p.pt", "--points", str(10**9)], "--points"),
     (["render", "z.pt", "-o", "out", "--batch-size", str(10**9)], "--batch-size"),
+    (["invert", "z.png", "-o", "out/", "--fixed-point", str(10**9)], "--fixed-point"),
+    (["invert", "z.png", "-o", "out/", "--anderson", str(10**6)], "--anderson"),
+    (["demo", "-o", "d", "--seed", str(2**63)], "--seed"),
 ])
 def test_huge_or_impossible_numbers_refused_up_front(cli, tmp_path, monkeypatch, args,
                                                      fragment):
