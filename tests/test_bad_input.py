@@ -635,3 +635,27 @@ def test_two_writers_threads_one_paused_on_an_event(tmp_path, monkeypatch):
     assert isinstance(outcome["A"], OutputExistsError)
     assert torch.equal(load_latent(target)[0], torch.full((4,), 2.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["z.safetensors"]
+
+
+def test_all_or_nothing_under_force_restores_replaced_files(tmp_path, monkeypatch):
+    """A publication failing halfway under --force puts back the files already replaced."""
+    import latentgeo.io as lio
+    from latentgeo.io import all_or_nothing, load_latent
+
+    for name in ("a", "b"):
+        save_latent(tmp_path / f"{name}.pt", torch.zeros(3))
+    real, calls = lio.publish, []
+
+    def second_fails(tmp, path, force=False):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(tmp, path, force)
+
+    monkeypatch.setattr(lio, "publish", second_fails)
+    with pytest.raises(OSError), all_or_nothing():
+        save_latent(tmp_path / "a.pt", torch.ones(3), force=True)
+        save_latent(tmp_path / "b.pt", torch.ones(3), force=True)
+    for name in ("a", "b"):
+        assert torch.equal(load_latent(tmp_path / f"{name}.pt")[0], torch.zeros(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]

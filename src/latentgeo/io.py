@@ -349,35 +349,61 @@ def all_or_nothing() -> Iterator[None]:
     """Make every :func:`atomic_write` in the block part of one output: temporary files are
     written as the block runs and published (in order) only when it ends without an exception.
     If the block or a publication fails (or is interrupted), every temporary file is deleted,
-    every file the block already published is removed again, and folders it created are
-    removed when empty: nothing of the output is left. (With ``force``, a file that was
-    replaced cannot be brought back; the others are still removed.) Nested blocks join the
-    outer one."""
+    every file the block already published is removed again (a file it replaced under
+    ``force`` is put back from a hard-linked backup), and folders it created are removed when
+    empty: nothing of the output is left. Nested blocks join the outer one."""
     if _PENDING.get() is not None:
         yield
         return
     pending = _Pending()
     token = _PENDING.set(pending)
-    published: list[Path] = []
+    published: list[tuple[Path, Path | None]] = []  # (target, backup of what it replaced)
     try:
         try:
             yield
         finally:
             _PENDING.reset(token)
         for tmp, target, force in pending.items:
-            publish(tmp, target, force)
-            published.append(target)
+            backup = _backup(target) if force else None
+            try:
+                publish(tmp, target, force)
+            except BaseException:
+                if backup is not None:
+                    with contextlib.suppress(OSError):
+                        backup.unlink()
+                raise
+            published.append((target, backup))
     except BaseException:
         for tmp, _, _ in pending.items:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        for target in published:
+        for target, backup in reversed(published):
             with contextlib.suppress(OSError):
-                target.unlink()
+                if backup is not None:
+                    os.replace(backup, target)
+                else:
+                    target.unlink()
         for d in reversed(pending.dirs):
             with contextlib.suppress(OSError):
                 d.rmdir()
         raise
+    for _, backup in published:
+        if backup is not None:
+            with contextlib.suppress(OSError):
+                backup.unlink()
+
+
+def _backup(target: Path) -> Path | None:
+    """A hidden hard link to the file ``target`` before it is replaced (None when there is no
+    such file or the file system cannot link: then a rollback cannot restore it)."""
+    if not target.is_file():
+        return None
+    bak = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        os.link(target, bak)
+    except OSError:
+        return None
+    return bak
 
 
 def _make_parents(folder: Path) -> list[Path]:
