@@ -65,6 +65,17 @@ def _unique_names(paths: list[Path]) -> list[str]:
     return unique_names([p.stem for p in paths])
 
 
+def _select(result: Any, keep: list[int]) -> Any:
+    """The images ``keep`` of an :class:`~latentgeo.diffusion.inversion.ImageInversion`
+    (per-image fields are indexed on dim 0, ``residual`` (S, B) on dim 1)."""
+    import dataclasses
+
+    return dataclasses.replace(
+        result, seeds=result.seeds[keep], x0=result.x0[keep], nfe=result.nfe[keep],
+        max_residual=result.max_residual[keep], converged_steps=result.converged_steps[keep],
+        residual=result.residual[:, keep])
+
+
 def invert(
     images: Annotated[list[str], typer.Argument(
         help="Image files, directories of images, or glob patterns (e.g. 'digits/*.png').",
@@ -80,14 +91,14 @@ def invert(
         "--guidance", callback=finite, help="Classifier-free guidance scale during inversion "
         "(1 = none, the invertible default).")] = 1.0,
     fixed_point: Annotated[int, typer.Option(
-        "--fixed-point", min=0, help="Fixed-point iterations per step (0 = plain DDIM "
+        "--fixed-point", min=0, max=1000, help="Fixed-point iterations per step (0 = plain DDIM "
         "inversion).")] = 3,
     tol: Annotated[float | None, typer.Option(
         "--tol", min=0.0, callback=finite, help="Stop a sample's iterations once its RMS "
         "step residual is below this (default 1e-5).")] = None,
     anderson: Annotated[int, typer.Option(
-        "--anderson", min=0, help="Anderson acceleration depth of the fixed-point iteration "
-        "(0 = plain iteration).")] = 2,
+        "--anderson", min=0, max=100, help="Anderson acceleration depth of the fixed-point "
+        "iteration (0 = plain iteration).")] = 2,
     check: Annotated[bool, typer.Option(
         "--check", help="Render each seed back and report latent round-trip error and "
         "PSNR.")] = False,
@@ -154,6 +165,20 @@ def invert(
         result = invert_images(backend, batch, condition=condition, steps=n_steps,
                                guidance=guidance, fixed_point_iters=fixed_point, tol=tol,
                                anderson=anderson, batch_size=batch_size, callback=advance)
+    finite = torch.isfinite(result.seeds).flatten(1).all(dim=1)
+    if not bool(finite.all()):  # never write a seed the tool would refuse to read
+        bad = [i for i in range(len(good)) if not bool(finite[i])]
+        problems += [f"{good[i][0]}: inversion gave NaN or infinite seed entries" for i in bad]
+        if len(bad) == len(good):
+            if len(problems) == 1:
+                raise InputError(problems[0])
+            for msg in problems:
+                print(f"skipped: {msg}", file=sys.stderr)
+            raise InputError(f"none of the {len(problems)} input(s) could be inverted")
+        keep = [i for i in range(len(good)) if bool(finite[i])]
+        good = [good[i] for i in keep]
+        batch = batch[keep]
+        result = _select(result, keep)
     trip = None
     if check:
         with progress_bar(f"rendering {batch.shape[0]} seed(s) back", n_chunks * n_steps,
