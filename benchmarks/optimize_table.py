@@ -176,12 +176,14 @@ def summarise(row: dict, real: np.ndarray, n_boot: int) -> dict:
 
 
 def pick(summaries: list[dict], goal: float = 0.9) -> tuple[list[dict], dict | None]:
-    """Per regulariser the lambda whose target success is nearest ``goal`` (ties: the smaller
-    lambda); the winner has the best held-out success there (ties: held-out log p)."""
+    """Per regulariser (``none`` included: it is in the registry and is the baseline) the
+    lambda whose target success is nearest ``goal``; on a tie the larger lambda (the strongest
+    regularisation that reaches the target as often). The winner has the best held-out success
+    there; ties are broken by the held-out mean log-probability."""
     chosen = []
-    for reg in dict.fromkeys(s["reg"] for s in summaries if s["reg"] != "none"):
+    for reg in dict.fromkeys(s["reg"] for s in summaries):
         cands = [s for s in summaries if s["reg"] == reg]
-        chosen.append(min(cands, key=lambda s: (abs(s["target_success"][0] - goal), s["lam"])))
+        chosen.append(min(cands, key=lambda s: (abs(s["target_success"][0] - goal), -s["lam"])))
     if not chosen:
         return chosen, None
     return chosen, max(chosen, key=lambda s: (s["heldout_success"][0], s["heldout_logp"][0]))
@@ -217,10 +219,22 @@ def write_report(out: Path, p: Protocol, base: dict, summaries: list[dict], rows
     verdict = []
     if best is not None:
         verdict.append(
-            f"At each regulariser's lambda whose target success is nearest 90%, the best "
-            f"held-out success is **{best['reg']}** (lambda {best['lam']:g}: held-out "
-            f"{fmt_ci(best['heldout_success'], True)}, target "
-            f"{fmt_ci(best['target_success'], True)}).")
+            "Rule: for each regulariser, the lambda whose target success is nearest 90% (on a "
+            "tie the larger lambda); then the best held-out success (ties: held-out log p). "
+            "Chosen: " + ", ".join(f"{c['reg']}" + ("" if c["reg"] == "none" else
+                                                     f" {c['lam']:g}") for c in chosen) + ".")
+        verdict.append(
+            f"At that lambda the best held-out success is **{best['reg']}**"
+            + ("" if best["reg"] == "none" else f" (lambda {best['lam']:g})")
+            + f": held-out {fmt_ci(best['heldout_success'], True)}, target "
+            f"{fmt_ci(best['target_success'], True)}.")
+        regs = [c for c in chosen if c["reg"] != "none"]
+        if best["reg"] == "none" and regs:
+            runner = max(regs, key=lambda s: (s["heldout_success"][0], s["heldout_logp"][0]))
+            verdict.append(
+                f"No regulariser beats the unregularised loop on held-out success here; the "
+                f"best regulariser is {runner['reg']} (lambda {runner['lam']:g}: held-out "
+                f"{fmt_ci(runner['heldout_success'], True)}).")
         mp = next((s for s in chosen if s["reg"] == "mpgr"), None)
         if mp is not None and mp is not best:
             verdict.append(

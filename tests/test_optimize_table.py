@@ -68,7 +68,11 @@ def test_kid_is_unbiased_mmd_and_pick_rule():
                 "heldout_success": [held, 0, 1], "heldout_logp": [0, 0, 0]}
 
     rows = [row("none", 0, 1.0, 0.7), row("a", 0.1, 0.95, 0.8), row("a", 1, 0.5, 0.9),
-            row("b", 0.1, 0.99, 0.6), row("b", 1, 0.88, 0.75)]
+            row("b", 0.1, 0.99, 0.6), row("b", 1, 0.88, 0.75), row("c", 0.1, 1.0, 0.5),
+            row("c", 1, 1.0, 0.65)]
     chosen, best = mod.pick(rows)
-    assert [(c["reg"], c["lam"]) for c in chosen] == [("a", 0.1), ("b", 1)]
+    assert [(c["reg"], c["lam"]) for c in chosen] == [("none", 0), ("a", 0.1), ("b", 1),
+                                                      ("c", 1)]  # tie: the larger lambda
     assert (best["reg"], best["lam"]) == ("a", 0.1)
+    _, best = mod.pick([row("none", 0, 1.0, 0.9), *rows[1:]])
+    assert best["reg"] == "none"  # the baseline can win, and the report then says so
