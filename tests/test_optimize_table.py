@@ -76,3 +76,11 @@ def test_kid_is_unbiased_mmd_and_pick_rule():
     assert (best["reg"], best["lam"]) == ("a", 0.1)
     _, best = mod.pick([row("none", 0, 1.0, 0.9), *rows[1:]])
     assert best["reg"] == "none"  # the baseline can win, and the report then says so
+
+
+def test_kid_bootstrap_interval_brackets_the_estimate():
+    mod = _module()
+    rng = np.random.default_rng(1)
+    gen, real = rng.normal(size=(50, 8)) + 0.3, rng.normal(size=(400, 8))
+    lo, hi = mod.kid_bootstrap(gen, real, 300)
+    assert lo < mod.kid(gen, real) < hi
