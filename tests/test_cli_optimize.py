@@ -63,7 +63,7 @@ def test_optimize_writes_named_seeds_metadata_and_renders(cli, tmp_path):
     for s in out["seeds"]:
         z, meta = load_latent(tmp_path / "out" / f"{s['seed']}.safetensors")
         assert z.shape == TINY_PIXEL_LATENT and torch.isfinite(z).all()
-        assert meta["rewards"] == "class:3" and meta["preset"] == "reno"
+        assert meta["rewards"] == "class:3" and meta["preset"] == "default"
         assert meta["regularizer"] == "mpgr" and meta["iterations"] == "3"
         objectives = [e["objective"] for e in out["log"][s["seed"]]]
         assert s["best_iteration"] == objectives.index(max(objectives))  # best by objective

@@ -26,7 +26,7 @@ REGULARIZERS: tuple[str, ...] = ("moment", "spectral", "moment+spectral", "kl", 
                                  "norm", "covariance", "dno", "mpgr", "none")
 
 #: ``latentgeo.optimize.presets.PRESETS`` (``optimize --preset``)
-OPTIMIZE_PRESETS: tuple[str, ...] = ("reno", "mpgr", "dno")
+OPTIMIZE_PRESETS: tuple[str, ...] = ("default", "reno", "mpgr", "dno")
 
 #: ``latentgeo.optimize.optimizers.OPTIMIZERS`` (``optimize --optimizer``)
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")

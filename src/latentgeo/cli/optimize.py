@@ -48,7 +48,8 @@ Rescale = Annotated[bool | None, typer.Option(
     "--rescale/--no-rescale", help="Rescale the regulariser's gradient to the reward "
     "gradient's norm before weighting (default: the preset's).")]
 Preset = Annotated[PresetName, typer.Option(
-    "--preset", help="Published loop: reno, mpgr or dno; every value overridable.")]
+    "--preset", help="default (the reno loop with the regulariser the reward-hacking table "
+    "chose), or a published loop: reno, mpgr, dno; every value overridable.")]
 Iters = Annotated[int | None, typer.Option(
     "--iters", "--max-iters", min=0, max=1_000_000,
     help="Optimiser iterations (default: the preset's).")]
@@ -93,7 +94,7 @@ def optimize(
     reg: Reg = None,
     reg_weight: RegWeight = None,
     rescale: Rescale = None,
-    preset: Preset = "reno",
+    preset: Preset = "default",
     iters: Iters = None,
     lr: Lr = None,
     clip: Clip = None,

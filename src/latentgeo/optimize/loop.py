@@ -92,7 +92,8 @@ def optimize(backend: Any, seeds: torch.Tensor, rewards: Sequence[Reward | str],
     rewards: :class:`Reward` objects or specs (``class:3``); weights: one per reward (default
     1). condition/steps/guidance: as for :func:`latentgeo.diffusion.render` (a list condition
     has one entry per seed). settings: :func:`latentgeo.optimize.presets.resolve` (default
-    ``reno``). heldout: ``f(images, condition) -> (B,)`` logged, never optimised (default: the
+    ``default``: the ``reno`` loop with the regulariser the reward-hacking table chose).
+    heldout: ``f(images, condition) -> (B,)`` logged, never optimised (default: the
     weighted sum of each reward's held-out twin, when all have one). stop_at: a seed stops once
     its target reward reaches it. reg_seed: seeds the random permutations of ``dno``/``mpgr``.
     reward_condition: what the rewards receive as ``condition`` (default: ``condition``); a
@@ -100,7 +101,7 @@ def optimize(backend: Any, seeds: torch.Tensor, rewards: Sequence[Reward | str],
     checkpoint: per-step and decoder gradient checkpointing (a memory tool: same numbers).
     callback(t, seed indices, log records) after every iteration.
     """
-    settings = resolve("reno") if settings is None else settings
+    settings = resolve("default") if settings is None else settings
     settings.check()
     rewards = [parse_reward(r, backend) if isinstance(r, str) else r for r in rewards]
     if not rewards:
