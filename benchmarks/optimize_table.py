@@ -316,7 +316,10 @@ def write_report(out: Path, p: Protocol, base: dict, summaries: list[dict], rows
         "",
         "![samples](optimize_samples.png)",
         "",
-        "One seed per class (rows: not optimised, then each row of the table at lambda 1).",
+        "One seed per target class (columns: c = 0..9; rows: the start, then the optimised seed "
+        "of each row of the table at the largest lambda). Where the held-out judge disagrees "
+        "the render is often a stroke pattern judge A reads as c (the reward hacked), not a "
+        "digit.",
         "",
     ]
     (out / ("optimize.md")).write_text("\n".join(text))
