@@ -285,8 +285,9 @@ def write_report(out: Path, p: Protocol, base: dict, summaries: list[dict], rows
         overlap = [s["reg"] for s in chosen if s is not best
                    and s["heldout_success"][2] >= best["heldout_success"][1]]
         if overlap:
-            verdict.append(f"Its 95% interval overlaps those of {', '.join(overlap)}: with "
-                           f"n = {best['n']} the ranking among them is not significant.")
+            verdict.append(f"The winner's 95% interval overlaps those of "
+                           f"{', '.join(overlap)}: with n = {best['n']} the ranking among them "
+                           "is not significant.")
     none = next((s for s in summaries if s["reg"] == "none"), None)
     text = [
         "# Seed optimisation: reward hacking in miniature"
