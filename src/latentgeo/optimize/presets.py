@@ -54,7 +54,7 @@ class Settings:
 
 
 #: The regulariser and lambda the table chose (docs/results/optimize.md, "Verdict").
-DEFAULT_REG: tuple[str, float] = ("norm", 1.0)
+DEFAULT_REG: tuple[str, float] = ("kl", 1.0)
 
 PRESETS: dict[str, Settings] = {
     "default": Settings("default", OptimizerSpec("sgd", lr=5.0, momentum=0.9, nesterov=True),
