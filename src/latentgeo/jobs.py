@@ -380,10 +380,20 @@ class Manifest:
     """One shard's JSON-lines log, appended to (never rewritten) and flushed line by line, so a
     crash loses at most the line being written. See the module docstring for the records."""
 
-    def __init__(self, directory: str | os.PathLike, shard: Shard) -> None:
+    def __init__(self, directory: str | os.PathLike, shard: Shard, lazy: bool = False) -> None:
+        """``lazy``: hold records in memory until the first written or skipped item, so a run
+        in which every input fails can leave nothing behind (:meth:`discard`)."""
         self.path = manifest_path(directory, shard)
         self.shard = shard
         self._file: Any = None
+        self._held: list[Mapping[str, Any]] | None = [] if lazy else None
+
+    def discard(self) -> bool:
+        """Drop held records (lazy mode, nothing written yet); True if there were any."""
+        if self._held is None:
+            return False
+        self._held = None
+        return True
 
     def previous(self) -> dict[str, dict[str, Any]]:
         """The last ``done`` record per input from earlier runs of this shard."""
@@ -394,6 +404,13 @@ class Manifest:
         return out
 
     def _append(self, record: Mapping[str, Any]) -> None:
+        if self._held is not None:
+            self._held.append(record)
+            if record.get("status") in ("done", "skipped") or record.get("event") == "end":
+                held, self._held = self._held, None
+                for r in held:
+                    self._append(r)
+            return
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
@@ -693,3 +710,90 @@ def exit_on_failures(failed: Sequence[tuple[Item, str]], written: int, world_siz
         warn(f"warning: {message} (recorded in the manifest; exit 0 under the launcher)")
         return
     raise InputError(message)
+
+
+# -- inputs: seeds read lazily --------------------------------------------------------------------
+def _seed_shape(path: Path) -> tuple[int, ...]:
+    """A seed file's tensor shape without reading its values."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                if "latent" not in f.keys():
+                    raise InputError(f"{path}: safetensors file has no 'latent' tensor")
+                return tuple(f.get_slice("latent").get_shape())
+        if suffix == ".pt":
+            return tuple(_pt_tensor(path).shape)
+    except LatentgeoError:
+        raise
+    except Exception as e:
+        raise InputError(f"{path}: not a readable seed file ({_one_line(e)})") from None
+    raise InputError(f"{path}: unknown seed file type '{path.suffix}' (expected .pt or "
+                     ".safetensors)")
+
+
+def _pt_tensor(path: Path) -> torch.Tensor:
+    """The latent of a .pt file, memory-mapped where the file allows (the zip format)."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) files cannot be mapped
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "latent" in obj:
+        obj = obj["latent"]
+    if not isinstance(obj, torch.Tensor):
+        raise InputError(f"{path}: expected a tensor or a dict with a 'latent' tensor")
+    return obj
+
+
+def seed_items(paths: Sequence[Path], latent_shape: Sequence[int]) -> list[Item]:
+    """One Item per seed, values not read: a file of shape ``latent_shape`` is one seed keyed
+    by its stem; a batch (B, *latent_shape) gives B seeds keyed ``STEM_000`` ... (source
+    ``FILE[i]``). Any other shape is a ShapeError naming both shapes."""
+    from latentgeo.errors import ShapeError
+
+    shape = tuple(int(s) for s in latent_shape)
+    items: list[Item] = []
+    for p in paths:
+        s = _seed_shape(Path(p))
+        name = str(p)
+        if s == shape:
+            items.append(Item(Path(p).stem, name, None))
+        elif len(s) == len(shape) + 1 and s[1:] == shape:
+            stem = Path(p).stem
+            items.extend(Item(f"{stem}_{i:03d}", f"{name}[{i}]", (name, i)) for i in range(s[0]))
+        else:
+            raise ShapeError(f"{p}: seed shape {s} does not fit the model, whose seeds have "
+                             f"shape {shape} (or a batch (N, {', '.join(map(str, shape))}))")
+    return items
+
+
+def load_seed(item: Item) -> torch.Tensor:
+    """The seed of a :func:`seed_items` item as float32, read alone (a safetensors slice or a
+    memory-mapped row; the file is closed again, so nothing of it stays resident). NaN or
+    infinite entries are an InputError naming the source."""
+    if item.ref is None:
+        path, row = Path(item.source), None
+    else:
+        path, row = Path(item.ref[0]), int(item.ref[1])
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                x = f.get_tensor("latent") if row is None else \
+                    f.get_slice("latent")[row:row + 1][0]
+        else:
+            t = _pt_tensor(path)
+            x = (t if row is None else t[row]).clone()
+            del t
+    except LatentgeoError:
+        raise
+    except Exception as e:
+        raise InputError(f"{item.source}: not a readable seed ({_one_line(e)})") from None
+    if not torch.is_floating_point(x):
+        raise InputError(f"{item.source}: seed has dtype {x.dtype}, expected floating point")
+    if not torch.isfinite(x).all():
+        raise InputError(f"{item.source}: seed has NaN or infinite entries")
+    return x.to(torch.float32).contiguous()

@@ -19,6 +19,7 @@ from latentgeo.cli.common import (
     print_json,
     print_table,
 )
+from latentgeo.cli.jobrun import ShardOption, fail_or_warn
 from latentgeo.cli.rendering import BatchSize
 from latentgeo.errors import InputError, ShapeError
 
@@ -69,6 +70,7 @@ def render(
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png with all "
                                        "images.")] = False,
     batch_size: BatchSize = 16,
+    shard: ShardOption = None,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -76,8 +78,15 @@ def render(
 
     The bundled digit model takes --class 0-9 (default: unconditional); Stable Diffusion
     pipelines take --prompt. Same seed and settings give the same image, bit for bit on CPU.
+
+    Seeds stream through in chunks of --batch-size and each PNG is written when its chunk is
+    done, with its provenance inside. A re-run skips images already there from the same seeds
+    and options (so an interrupted run resumes), refuses ones made otherwise (--force redoes
+    them), and logs every seed in OUTPUT/manifest-*.jsonl. Under torchrun or accelerate launch
+    each process renders its own share; --shard I/N splits the work for job arrays.
     """
-    from latentgeo.cli.rendering import check_targets, condition_from, render_to
+    from latentgeo.cli.jobrun import render_job, summary_rows, this_process
+    from latentgeo.cli.rendering import condition_from
     from latentgeo.diffusion import load_model
 
     out = Path(output)
@@ -85,23 +94,34 @@ def render(
         raise InputError(f"{out}: exists and is not a directory (-o takes a folder)")
     from latentgeo.io import expand_latent_paths
 
-    expand_latent_paths(seeds)  # missing seed files fail before the model loads
-    backend = load_model(model, device, dtype)
+    launch, my_shard, my_device = this_process(shard, device)
+    paths = expand_latent_paths(seeds)  # missing seed files fail before the model loads
+    backend = load_model(model, my_device, dtype)
     condition = condition_from(backend, prompt, class_label)
-    z, names = load_seeds(seeds, backend.latent_shape)
-    check_targets([out / f"{n}.png" for n in names] + ([out / "grid.png"] if grid else []),
-                  force)
-    result = render_to(out, z, names, model=backend, steps=steps, guidance=guidance,
-                       condition=condition, grid=grid, force=force, batch_size=batch_size,
-                       quiet=json)
-    result.pop("rendered")
-    norms = z.flatten(1).norm(dim=1).tolist()
+    result, header = render_job(backend, paths, out, condition=condition, steps=steps,
+                                guidance=guidance, batch_size=batch_size, grid=grid,
+                                force=force, quiet=json, keep_rows=json, shard=my_shard,
+                                launch=launch)
+    rows = result.rows
     if json:
-        print_json({**result, "seeds": names, "norms": norms,
+        print_json({**header, "images": [r["image"] for r in rows],
+                    "seeds": [r["seed"] for r in rows], "norms": [r["norm"] for r in rows],
+                    "skipped": [r["seed"] for r in rows if r.get("skipped")],
+                    "failed": [it.source for it, _ in result.failed],
+                    "shard": [my_shard.index, my_shard.count],
                     "condition": condition, "shape": list(backend.latent_shape)})
-        return
-    title = (f"{len(names)} image(s) from {backend.name}, {result['steps']} DDIM steps, "
-             f"guidance {result['guidance']:g}")
-    print_table(title, ["seed", "norm", "image"], list(zip(names, norms, result["images"])))
-    if grid:
-        print(f"grid: {result['grid']}")
+    else:
+        title = (f"{len(result.report.done)} image(s) from {backend.name}, {header['steps']} "
+                 f"DDIM steps, guidance {header['guidance']:g}"
+                 + (f", shard {my_shard.index}/{my_shard.count}" if my_shard.count > 1 else "")
+                 + (f"; {len(result.report.skipped)} already there" if result.report.skipped
+                    else ""))
+        if rows:
+            print_table(title, ["seed", "norm", "image"],
+                        [[r["seed"], "" if r["norm"] is None else r["norm"], r["image"]]
+                         for r in rows])
+        else:
+            print_table(title, ["", "seeds"], summary_rows(result))
+        if "grid" in header:
+            print(f"grid: {header['grid']}")
+    fail_or_warn(result, len(result.report.done))
