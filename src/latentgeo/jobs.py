@@ -306,8 +306,9 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None],
                  force: bool = False) -> Path:
     """``write(tmp)`` into a pid-tagged temp file beside ``path``, then publish it: without
     ``force`` by a hard link that fails if ``path`` exists (never replaces a file that appeared
-    meanwhile), with ``force`` by an atomic rename. Any exception, KeyboardInterrupt included,
-    removes the temp file; a SIGKILL leaves it for :func:`clean_stale_temps`."""
+    meanwhile), with ``force`` by an atomic rename (:func:`latentgeo.io.publish`). Any
+    exception, KeyboardInterrupt included, removes the temp file; a SIGKILL leaves it for
+    :func:`clean_stale_temps`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
@@ -317,18 +318,9 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None],
         mode = tmp.stat().st_mode & 0o777
         write(tmp)
         tmp.chmod(mode)  # some writers (safetensors) recreate the file with their own mode
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise OutputExistsError(f"{path}: exists (use --force to overwrite)") from None
-            except OSError:  # file systems without hard links: check, then rename
-                if path.exists():
-                    raise OutputExistsError(f"{path}: exists (use --force to overwrite)") \
-                        from None
-                os.replace(tmp, path)
+        from latentgeo.io import publish
+
+        publish(tmp, path, force=force)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -747,26 +739,40 @@ def _pt_tensor(path: Path) -> torch.Tensor:
     return obj
 
 
-def seed_items(paths: Sequence[Path], latent_shape: Sequence[int]) -> list[Item]:
-    """One Item per seed, values not read: a file of shape ``latent_shape`` is one seed keyed
-    by its stem; a batch (B, *latent_shape) gives B seeds keyed ``STEM_000`` ... (source
-    ``FILE[i]``). Any other shape is a ShapeError naming both shapes."""
-    from latentgeo.errors import ShapeError
+def seed_items(paths: Sequence[Path], latent_shape: Sequence[int]
+               ) -> tuple[list[Item], list[str]]:
+    """One Item per seed, values not read, and one problem line per file that cannot be used.
+
+    A file of shape ``latent_shape`` is one seed keyed by its stem; a batch (B, *latent_shape)
+    gives B seeds keyed ``STEM_000`` ... (source ``FILE[i]``). Keys are made unique by
+    :func:`latentgeo.io.unique_names` (``grid`` reserved). A file of another shape, or one
+    that is not a seed file, is a problem naming it (and both shapes).
+    """
+    from latentgeo.io import unique_names
 
     shape = tuple(int(s) for s in latent_shape)
-    items: list[Item] = []
+    keys: list[str] = []
+    refs: list[tuple[str, Any]] = []
+    problems: list[str] = []
     for p in paths:
-        s = _seed_shape(Path(p))
+        try:
+            s = _seed_shape(Path(p))
+        except LatentgeoError as e:
+            problems.append(_one_line(e))
+            continue
         name = str(p)
         if s == shape:
-            items.append(Item(Path(p).stem, name, None))
+            keys.append(Path(p).stem)
+            refs.append((name, None))
         elif len(s) == len(shape) + 1 and s[1:] == shape:
             stem = Path(p).stem
-            items.extend(Item(f"{stem}_{i:03d}", f"{name}[{i}]", (name, i)) for i in range(s[0]))
+            keys.extend(f"{stem}_{i:03d}" for i in range(s[0]))
+            refs.extend((f"{name}[{i}]", (name, i)) for i in range(s[0]))
         else:
-            raise ShapeError(f"{p}: seed shape {s} does not fit the model, whose seeds have "
-                             f"shape {shape} (or a batch (N, {', '.join(map(str, shape))}))")
-    return items
+            problems.append(f"{p}: seed shape {s} does not fit the model, whose seeds have "
+                            f"shape {shape} (or a batch (N, {', '.join(map(str, shape))}))")
+    keys = unique_names(keys, reserved=("grid",))
+    return [Item(k, src, ref) for k, (src, ref) in zip(keys, refs)], problems
 
 
 def load_seed(item: Item) -> torch.Tensor:
@@ -792,8 +798,6 @@ def load_seed(item: Item) -> torch.Tensor:
         raise
     except Exception as e:
         raise InputError(f"{item.source}: not a readable seed ({_one_line(e)})") from None
-    if not torch.is_floating_point(x):
-        raise InputError(f"{item.source}: seed has dtype {x.dtype}, expected floating point")
-    if not torch.isfinite(x).all():
-        raise InputError(f"{item.source}: seed has NaN or infinite entries")
-    return x.to(torch.float32).contiguous()
+    from latentgeo.io import validate_latent
+
+    return validate_latent(x, item.source).to(torch.float32).contiguous()

@@ -16,9 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
-
-import typer
+from typing import TYPE_CHECKING, Any
 
 from latentgeo.errors import InputError, OutputExistsError
 
@@ -27,11 +25,6 @@ if TYPE_CHECKING:
 
     from latentgeo.jobs import Item, Provenance, Report
     from latentgeo.launch import Launch, Shard
-
-ShardOption = Annotated[str | None, typer.Option(
-    "--shard", help="Do shard I of N of the sorted inputs (I/N, from 0; e.g. a job array's "
-    "index). Under torchrun/accelerate each rank takes its part of that shard.",
-    show_default=False)]
 
 #: Seconds between plain progress lines (``LATENTGEO_PROGRESS_EVERY`` overrides).
 PROGRESS_EVERY = 30.0
@@ -117,9 +110,10 @@ def drive(command: str, items: Sequence[Item], out_dir: Path, *,
           shard: Shard, launch: Launch, force: bool, quiet: bool, label: str,
           manifest: bool = True) -> Report:
     """Plan (resume rule, refusing before any work), then stream this shard's ``items``
-    through ``load``/``process`` with a manifest and progress; SIGTERM is an interrupt, and an
-    interrupted run records a ``stop`` and re-raises."""
+    through ``load``/``process`` with a manifest and progress; SIGTERM is an interrupt (the CLI's
+    handler), and an interrupted run records a ``stop`` and re-raises."""
     from latentgeo import jobs
+    from latentgeo.cli.common import Terminated
 
     plan = jobs.plan(items, target,
                      lambda it: _provenance(input_hash(it), options, fingerprint), force)
@@ -130,16 +124,15 @@ def drive(command: str, items: Sequence[Item], out_dir: Path, *,
     if log is not None:
         log.start(command, len(items), options, launcher=launch.launcher)
     try:
-        with jobs.sigterm_as_interrupt(), \
-                job_progress(label, len(items), launch, shard, quiet) as advance:
+        with job_progress(label, len(items), launch, shard, quiet) as advance:
             report = jobs.run(plan.todo, load, process, batch_size=batch_size, manifest=log,
                               skipped=plan.skipped, target=target, progress=advance)
         if log is not None and not (alone and not report.done and not report.skipped
                                     and log.discard()):
             log.end(len(report.done), len(report.skipped), len(report.failed), report.seconds)
-    except KeyboardInterrupt as e:
+    except (KeyboardInterrupt, Terminated) as e:
         if log is not None:
-            log.stop(f"signal {getattr(e, 'signum', 2)}")
+            log.stop("SIGTERM" if isinstance(e, Terminated) else "SIGINT")
         raise
     finally:
         if log is not None:
@@ -172,7 +165,13 @@ def render_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, condition
     from latentgeo import jobs
     from latentgeo.diffusion.render import render
 
-    given = jobs.seed_items(seed_paths, backend.latent_shape)
+    given, problems = jobs.seed_items(seed_paths, backend.latent_shape)
+    if not given:
+        if len(problems) == 1:
+            raise InputError(problems[0])
+        for msg in problems:
+            warn(f"skipped: {msg}")
+        raise InputError(f"none of the {len(problems)} seed file(s) could be used")
     all_items = jobs.sort_items(given)
     if grid and shard.count > 1:
         raise InputError("--grid needs every image in one process: leave it out of sharded "
@@ -226,7 +225,8 @@ def render_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, condition
                    fingerprint=fingerprint, load=load, process=process, batch_size=batch_size,
                    shard=shard, launch=launch, force=force, quiet=quiet,
                    label=f"rendering {len(mine)} seed(s)")
-    header: dict[str, Any] = {"model": backend.name, "steps": n_steps, "guidance": g}
+    header: dict[str, Any] = {"model": backend.name, "steps": n_steps, "guidance": g,
+                              "problems": problems}
     if grid and grid_prov is not None and not report.failed:
         header["grid"] = str(_write_grid(backend, out, mine, images_for_grid, grid_path,
                                          grid_prov, force))
@@ -396,8 +396,8 @@ def _invert_to_file(items: Sequence[Item], output: Path, options: dict[str, Any]
     if output.exists() and not force:
         _check_whole_output(output, whole, force)
         return jobs.Report(skipped=list(items))
-    with jobs.sigterm_as_interrupt(), job_progress(f"inverting {len(items)} image(s)",
-                                                   len(items), launch, shard, quiet) as adv:
+    with job_progress(f"inverting {len(items)} image(s)", len(items), launch, shard,
+                      quiet) as adv:
         report = jobs.run(items, load, process, batch_size=batch_size, progress=adv)
     if collected:
         sources = _json.dumps([it.source for it, _, _ in collected])

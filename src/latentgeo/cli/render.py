@@ -7,37 +7,46 @@ from typing import Annotated
 
 import typer
 
-from latentgeo.cli.common import (
+from latentgeo.cli.common import print_json, print_table
+from latentgeo.cli.jobrun import fail_or_warn, warn
+from latentgeo.cli.options import (
+    BatchSize,
     ClassLabel,
     Device,
     Dtype,
     Force,
     Guidance,
+    ImageFolder,
     Json,
     Model,
     Prompt,
-    print_json,
-    print_table,
+    Shard,
+    Steps,
 )
-from latentgeo.cli.jobrun import ShardOption, fail_or_warn
-from latentgeo.cli.rendering import BatchSize
-from latentgeo.errors import InputError, ShapeError
+from latentgeo.errors import InputError
 
 
 def load_seeds(items: list[str], latent_shape: tuple[int, ...]):
-    """Latent files/directories -> (N, *latent_shape) float32 and one name per seed.
+    """Latent files/directories -> ((N, *latent_shape) float32 or None, one name per seed,
+    one problem line per file that cannot be used).
 
     A file holding one seed (``latent_shape``) gives one seed named after the file; a file with
     a leading batch dimension ((B, *latent_shape)) gives B seeds named ``STEM_000`` ...
-    Any other shape is a ShapeError naming both shapes.
+    Names are made unique by :func:`latentgeo.io.unique_names` (``grid`` is reserved for
+    grid.png). A file of any other shape, or one that is not a latent, is a problem naming it.
     """
     import torch
 
-    from latentgeo.io import expand_latent_paths, load_latent
+    from latentgeo.errors import LatentgeoError
+    from latentgeo.io import expand_latent_paths, load_latent, unique_names
 
-    seeds, names = [], []
+    seeds, names, problems = [], [], []
     for p in expand_latent_paths(items):
-        x, _ = load_latent(p)
+        try:
+            x, _ = load_latent(p)
+        except LatentgeoError as e:
+            problems.append(str(e))
+            continue
         if tuple(x.shape) == tuple(latent_shape):
             seeds.append(x[None])
             names.append(p.stem)
@@ -45,32 +54,29 @@ def load_seeds(items: list[str], latent_shape: tuple[int, ...]):
             seeds.append(x)
             names.extend(f"{p.stem}_{i:03d}" for i in range(x.shape[0]))
         else:
-            raise ShapeError(f"{p}: seed shape {tuple(x.shape)} does not fit the model, whose "
-                             f"seeds have shape {tuple(latent_shape)} (or a batch (N, "
-                             f"{', '.join(map(str, latent_shape))}))")
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise InputError(f"two seeds would both be written as {dup}.png; rename one file")
-    return torch.cat(seeds).to(torch.float32), names
+            problems.append(f"{p}: seed shape {tuple(x.shape)} does not fit the model, whose "
+                            f"seeds have shape {tuple(latent_shape)} (or a batch (N, "
+                            f"{', '.join(map(str, latent_shape))}))")
+    if not seeds:
+        return None, [], problems
+    return torch.cat(seeds).to(torch.float32), unique_names(names, reserved=("grid",)), problems
 
 
 def render(
     seeds: Annotated[list[str], typer.Argument(help="Seed files (.pt/.safetensors) or "
                                                "directories of them.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory for "
-                                         "the PNGs.")],
+    output: ImageFolder,
     model: Model = "bundled",
     prompt: Prompt = None,
     class_label: ClassLabel = None,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="DDIM steps "
-                                              "(default: the model's).")] = None,
+    steps: Steps = None,
     guidance: Guidance = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png with all "
                                        "images.")] = False,
     batch_size: BatchSize = 16,
-    shard: ShardOption = None,
+    shard: Shard = None,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -88,11 +94,11 @@ def render(
     from latentgeo.cli.jobrun import render_job, summary_rows, this_process
     from latentgeo.cli.rendering import condition_from
     from latentgeo.diffusion import load_model
+    from latentgeo.io import expand_latent_paths
 
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory (-o takes a folder)")
-    from latentgeo.io import expand_latent_paths
 
     launch, my_shard, my_device = this_process(shard, device)
     paths = expand_latent_paths(seeds)  # missing seed files fail before the model loads
@@ -104,9 +110,11 @@ def render(
                                 launch=launch)
     rows = result.rows
     if json:
-        print_json({**header, "images": [r["image"] for r in rows],
+        print_json({**{k: v for k, v in header.items() if k != "problems"},
+                    "images": [r["image"] for r in rows],
                     "seeds": [r["seed"] for r in rows], "norms": [r["norm"] for r in rows],
-                    "skipped": [r["seed"] for r in rows if r.get("skipped")],
+                    "skipped": header["problems"],
+                    "resumed": [r["seed"] for r in rows if r.get("skipped")],
                     "failed": [it.source for it, _ in result.failed],
                     "shard": [my_shard.index, my_shard.count],
                     "condition": condition, "shape": list(backend.latent_shape)})
@@ -124,4 +132,13 @@ def render(
             print_table(title, ["", "seeds"], summary_rows(result))
         if "grid" in header:
             print(f"grid: {header['grid']}")
+    problems = header.pop("problems")
+    if problems:
+        for msg in problems:
+            warn(f"skipped: {msg}")
+        if launch.world_size > 1:
+            warn(f"warning: {len(problems)} seed file(s) skipped (exit 0 under the launcher)")
+        else:
+            raise InputError(f"{len(problems)} seed file(s) skipped, "
+                             f"{len(result.report.done)} image(s) written")
     fail_or_warn(result, len(result.report.done))
