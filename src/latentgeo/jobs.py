@@ -100,7 +100,7 @@ def item_generator(item_hash: str, seed: int = 0, device: str | torch.device = "
 
 
 # -- items, order and shards ----------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     """One input: ``key`` names its output (unique in a job, the sort key); ``source`` is how
     messages and manifests name the input; ``ref`` is what the loader needs (a path, or a
@@ -613,6 +613,8 @@ class Report:
     skipped: list[Item] = field(default_factory=list)
     failed: list[tuple[Item, str]] = field(default_factory=list)
     seconds: float = 0.0
+    #: items written (``done`` holds them only with ``run(keep_outcomes=True)``)
+    n_done: int = 0
 
 
 Loader = Callable[[Item], Any]
@@ -622,7 +624,7 @@ Processor = Callable[[list[Item], list[Any]], list[Outcome]]
 def run(items: Sequence[Item], load: Loader, process: Processor, *, batch_size: int,
         manifest: Manifest | None = None, skipped: Sequence[Item] = (),
         target: Callable[[Item], Path] | None = None,
-        progress: Callable[[int], None] | None = None) -> Report:
+        progress: Callable[[int], None] | None = None, keep_outcomes: bool = True) -> Report:
     """Stream ``items`` through ``load`` (one item -> its input, e.g. an image tensor; a
     LatentgeoError marks the item failed) and ``process`` (a list of <= ``batch_size`` items and
     their inputs -> one Outcome each, outputs already written). A LatentgeoError from
@@ -631,6 +633,8 @@ def run(items: Sequence[Item], load: Loader, process: Processor, *, batch_size: 
     ``skipped`` items (from :func:`plan`) are recorded in the manifest with the metrics of their
     last ``done`` record. ``progress(n)`` is called with the number of items just finished
     (skipped ones first). A record's ``seconds`` is its chunk's wall time shared equally.
+    ``keep_outcomes`` False: ``report.done`` stays empty (only ``n_done`` counts), so memory
+    does not grow with the job.
     """
     report = Report(skipped=list(skipped))
     t_start = time.perf_counter()
@@ -669,7 +673,9 @@ def run(items: Sequence[Item], load: Loader, process: Processor, *, batch_size: 
                     manifest.item(it.source, "", "failed", share, error=error)
                 continue
             oc = outcomes[i]
-            report.done.append((it, oc))
+            report.n_done += 1
+            if keep_outcomes:
+                report.done.append((it, oc))
             if manifest is not None:
                 manifest.item(it.source, str(oc.output), "done", share, oc.metrics)
         del inputs, outcomes

@@ -143,7 +143,7 @@ def invert(
     rep = result.report
     skipped = problems + [why if why.startswith(it.source) else f"{it.source}: {why}"
                           for it, why in rep.failed]
-    if not rep.done and not rep.skipped and skipped:
+    if not rep.n_done and not rep.skipped and skipped:
         if len(skipped) == 1:
             raise InputError(skipped[0])
         for msg in skipped:
@@ -155,11 +155,11 @@ def invert(
                     "resumed": [r["seed"] for r in result.rows if r.get("skipped")],
                     "shard": [my_shard.index, my_shard.count]})
     else:
-        title = (f"{len(rep.done)} image(s) inverted ({header['method']}, {header['steps']} "
+        title = (f"{rep.n_done} image(s) inverted ({header['method']}, {header['steps']} "
                  "steps)"
                  + (f", shard {my_shard.index}/{my_shard.count}" if my_shard.count > 1 else "")
                  + (f"; {len(rep.skipped)} already there" if rep.skipped else ""))
-        if rows or not rep.done:
+        if rows or not rep.n_done:
             trip = bool(rows) and "psnr_db" in rows[0]
             cols = ["image", "seed", "norm", "chi z", "NFE"] + (
                 ["latent RMSE", "PSNR dB"] if trip else [])
@@ -171,7 +171,7 @@ def invert(
     if skipped:
         for msg in skipped:
             print(f"skipped: {msg}", file=sys.stderr)
-        message = f"{len(skipped)} input(s) skipped, {len(rep.done)} seed(s) written"
+        message = f"{len(skipped)} input(s) skipped, {rep.n_done} seed(s) written"
         if launch.world_size > 1:
             print(f"warning: {message} (recorded in the manifest; exit 0 under the "
                   "launcher)", file=sys.stderr)

@@ -126,10 +126,11 @@ def drive(command: str, items: Sequence[Item], out_dir: Path, *,
     try:
         with job_progress(label, len(items), launch, shard, quiet) as advance:
             report = jobs.run(plan.todo, load, process, batch_size=batch_size, manifest=log,
-                              skipped=plan.skipped, target=target, progress=advance)
-        if log is not None and not (alone and not report.done and not report.skipped
+                              skipped=plan.skipped, target=target, progress=advance,
+                              keep_outcomes=False)
+        if log is not None and not (alone and not report.n_done and not report.skipped
                                     and log.discard()):
-            log.end(len(report.done), len(report.skipped), len(report.failed), report.seconds)
+            log.end(report.n_done, len(report.skipped), len(report.failed), report.seconds)
     except (KeyboardInterrupt, Terminated) as e:
         if log is not None:
             log.stop("SIGTERM" if isinstance(e, Terminated) else "SIGINT")
@@ -423,7 +424,7 @@ def fail_or_warn(result: JobResult, written: int, message: str | None = None) ->
 def summary_rows(result: JobResult) -> list[list[Any]]:
     """Rows of the summary table printed for jobs too large for a per-item table."""
     rep = result.report
-    return [["written", len(rep.done)], ["already there (skipped)", len(rep.skipped)],
+    return [["written", rep.n_done], ["already there (skipped)", len(rep.skipped)],
             ["failed", len(rep.failed)], ["seconds", round(rep.seconds, 2)]]
 
 

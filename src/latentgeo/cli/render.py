@@ -119,7 +119,7 @@ def render(
                     "shard": [my_shard.index, my_shard.count],
                     "condition": condition, "shape": list(backend.latent_shape)})
     else:
-        title = (f"{len(result.report.done)} image(s) from {backend.name}, {header['steps']} "
+        title = (f"{result.report.n_done} image(s) from {backend.name}, {header['steps']} "
                  f"DDIM steps, guidance {header['guidance']:g}"
                  + (f", shard {my_shard.index}/{my_shard.count}" if my_shard.count > 1 else "")
                  + (f"; {len(result.report.skipped)} already there" if result.report.skipped
@@ -140,5 +140,5 @@ def render(
             warn(f"warning: {len(problems)} seed file(s) skipped (exit 0 under the launcher)")
         else:
             raise InputError(f"{len(problems)} seed file(s) skipped, "
-                             f"{len(result.report.done)} image(s) written")
-    fail_or_warn(result, len(result.report.done))
+                             f"{result.report.n_done} image(s) written")
+    fail_or_warn(result, result.report.n_done)
