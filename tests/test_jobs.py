@@ -370,3 +370,71 @@ def test_newest_split_is_judged(tmp_path):
 
 def test_errors_are_latentgeo_errors():
     assert issubclass(OutputExistsError, LatentgeoError)
+
+
+# -- progress and the manifest command ------------------------------------------------------------
+class _Stream:
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_lines_per_rank_off_a_terminal(monkeypatch):
+    from latentgeo.cli.jobrun import job_progress
+
+    monkeypatch.setenv("LATENTGEO_PROGRESS_EVERY", "0")
+    r1 = Launch(rank=1, world_size=2, local_rank=1, launcher="torchrun")
+    s = _Stream(tty=False)
+    with job_progress("rendering 3 seed(s)", 3, r1, Shard(1, 2), stream=s) as advance:
+        for _ in range(3):
+            advance(1)
+    lines = s.text.splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("[shard 1/2] rendering 3 seed(s): 3/3 items")
+    # at a terminal only rank 0 draws (a Rich bar); other ranks and --json runs say nothing
+    s = _Stream(tty=True)
+    with job_progress("x", 3, r1, Shard(1, 2), stream=s) as advance:
+        advance(3)
+    assert s.text == ""
+    s = _Stream(tty=False)
+    with job_progress("x", 3, Launch(), Shard(), quiet=True, stream=s) as advance:
+        advance(3)
+    assert s.text == ""
+
+
+def test_manifest_command_table_json_and_exit_status(cli, tmp_path):
+    from tests.conftest import assert_one_line_error
+
+    items = _items(5)
+    for i in range(2):
+        m = jobs.Manifest(tmp_path, Shard(i, 2))
+        mine = jobs.shard_items(items, Shard(i, 2))
+        m.start("render", len(mine), {})
+        for it in mine:
+            m.item(it.source, f"{it.key}.png", "done", 0.1, {"psnr_db": 30.0 + it.ref})
+        m.end(len(mine), 0, 0, 0.5)
+        m.close()
+    r = cli("manifest", tmp_path)
+    assert "5 input(s), 5 done" in " ".join(r.stdout.split()) and "psnr_db" in r.stdout
+    info = json.loads(cli("manifest", tmp_path, "--json").stdout)
+    assert info["ok"] and info["metric_means"]["psnr_db"] == pytest.approx(32.0)
+    assert [s["shard"] for s in info["shards"]] == ["0/2", "1/2"]
+    # a failure, then a shard that never finished: exit 2, one line naming both
+    m = jobs.Manifest(tmp_path, Shard(1, 2))
+    m.start("render", 2, {})
+    m.item("in/k4", "", "failed", 0.0, error="in/k4: not a seed")
+    m.close()
+    r = cli("manifest", tmp_path, expect=2)
+    assert "k4: not a seed" in r.stdout
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path}: 1 input(s) failed; 1 shard(s) incomplete (1/2)")
+    r = cli("manifest", tmp_path / "none", expect=2)
+    assert_one_line_error(r, "not a directory")
