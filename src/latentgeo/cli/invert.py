@@ -143,7 +143,7 @@ def invert(
     rep = result.report
     skipped = problems + [why if why.startswith(it.source) else f"{it.source}: {why}"
                           for it, why in rep.failed]
-    if not rep.n_done and not rep.skipped and skipped:
+    if not rep.n_done and not rep.skipped and skipped and launch.world_size == 1:
         if len(skipped) == 1:
             raise InputError(skipped[0])
         for msg in skipped:
