@@ -438,3 +438,28 @@ def test_manifest_command_table_json_and_exit_status(cli, tmp_path):
         f"error: {tmp_path}: 1 input(s) failed; 1 shard(s) incomplete (1/2)")
     r = cli("manifest", tmp_path / "none", expect=2)
     assert_one_line_error(r, "not a directory")
+
+
+def test_seed_items_read_lazily_and_skip_unusable_files(tmp_path):
+    from latentgeo.io import save_latent
+
+    g = torch.Generator().manual_seed(0)
+    batch, one = torch.randn(5, 1, 4, 4, generator=g), torch.randn(1, 4, 4, generator=g)
+    save_latent(tmp_path / "b.safetensors", batch)
+    save_latent(tmp_path / "p.pt", batch[:3])
+    save_latent(tmp_path / "one.safetensors", one)
+    save_latent(tmp_path / "wrong.pt", torch.randn(2, 3))
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    paths = [tmp_path / n for n in ("b.safetensors", "p.pt", "one.safetensors", "wrong.pt",
+                                    "junk.safetensors")]
+    items, problems = jobs.seed_items(paths, (1, 4, 4))
+    assert [it.key for it in items] == [*(f"b_{i:03d}" for i in range(5)),
+                                        *(f"p_{i:03d}" for i in range(3)), "one"]
+    assert items[1].source == f"{tmp_path / 'b.safetensors'}[1]"
+    assert len(problems) == 2 and "(2, 3) does not fit" in problems[0]
+    assert "junk.safetensors" in problems[1]
+    for i in range(5):
+        assert torch.equal(jobs.load_seed(items[i]), batch[i])
+    assert torch.equal(jobs.load_seed(items[6]), batch[1])
+    assert torch.equal(jobs.load_seed(items[8]), one)
+    assert jobs.tensor_hash(jobs.load_seed(items[6])) == jobs.tensor_hash(batch[1])
