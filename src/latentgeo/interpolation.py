@@ -49,7 +49,7 @@ def _exact_ends(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Te
 def steps(n: int) -> torch.Tensor:
     """n equally spaced fractions 0, 1/(n-1), ..., 1 (float64); n >= 2."""
     if n < 2:
-        raise InputError(f"--steps {n}: need at least 2 points (the two endpoints)")
+        raise InputError(f"a path needs at least 2 points (the two endpoints), got {n}")
     return torch.linspace(0.0, 1.0, n, dtype=torch.float64)
 
 

@@ -599,10 +599,12 @@ def sigterm_as_interrupt() -> Iterator[None]:
 # -- the loop -------------------------------------------------------------------------------------
 @dataclass
 class Outcome:
-    """What one item produced: its output path and metrics (a :func:`run` ``process`` result)."""
+    """What one item produced: its output path and metrics (a :func:`run` ``process`` result);
+    or, with ``error`` set, why this item failed while the rest of its chunk succeeded."""
 
-    output: Path
+    output: Path | None
     metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
 
 
 @dataclass
@@ -673,6 +675,11 @@ def run(items: Sequence[Item], load: Loader, process: Processor, *, batch_size: 
                     manifest.item(it.source, "", "failed", share, error=error)
                 continue
             oc = outcomes[i]
+            if oc.error is not None:
+                report.failed.append((it, oc.error))
+                if manifest is not None:
+                    manifest.item(it.source, "", "failed", share, oc.metrics, error=oc.error)
+                continue
             report.n_done += 1
             if keep_outcomes:
                 report.done.append((it, oc))

@@ -81,14 +81,14 @@ def invert(
         "--guidance", callback=finite, help="Classifier-free guidance scale during inversion "
         "(1 = none, the invertible default).")] = 1.0,
     fixed_point: Annotated[int, typer.Option(
-        "--fixed-point", min=0, help="Fixed-point iterations per step (0 = plain DDIM "
+        "--fixed-point", min=0, max=1000, help="Fixed-point iterations per step (0 = plain DDIM "
         "inversion).")] = 3,
     tol: Annotated[float | None, typer.Option(
         "--tol", min=0.0, callback=finite, help="Stop a sample's iterations once its RMS "
         "step residual is below this (default 1e-5).")] = None,
     anderson: Annotated[int, typer.Option(
-        "--anderson", min=0, help="Anderson acceleration depth of the fixed-point iteration "
-        "(0 = plain iteration).")] = 2,
+        "--anderson", min=0, max=100, help="Anderson acceleration depth of the fixed-point "
+        "iteration (0 = plain iteration).")] = 2,
     check: Annotated[bool, typer.Option(
         "--check", help="Render each seed back and report latent round-trip error and "
         "PSNR.")] = False,

@@ -336,9 +336,14 @@ def invert_job(backend: Any, paths: Sequence[Path], names: Sequence[str], output
             trip = check_roundtrip(backend, res.seeds, res.x0, batch, condition=condition,
                                    steps=n_steps, guidance=guidance, batch_size=len(items))
         z = norm_z_scores(res.seeds)
-        norms = res.seeds.flatten(1).norm(dim=1)
+        norms = res.seeds.flatten(1).double().norm(dim=1)
+        finite = torch.isfinite(res.seeds).flatten(1).all(dim=1).tolist()
         outcomes = []
         for i, (it, (_, h)) in enumerate(zip(items, inputs)):
+            if not finite[i]:  # never write a seed the tool would refuse to read
+                outcomes.append(jobs.Outcome(None, error=f"{it.source}: inversion gave NaN "
+                                             "or infinite seed entries"))
+                continue
             metrics = {"norm": float(norms[i]), "chi_z": float(z[i]), "nfe": int(res.nfe[i]),
                        "max_step_residual": float(res.max_residual[i])}
             if trip is not None:
