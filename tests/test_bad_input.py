@@ -565,7 +565,11 @@ def test_invert_skips_a_seed_that_came_out_non_finite(cli, tmp_path, monkeypatch
                                     tiny_pixel_path(), "--steps", "1", "--fixed-point", "0"],
                     "1 input(s) skipped", batch=True)
     assert "a.png: inversion gave NaN" in r.stderr
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["b.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        "b.safetensors", "manifest-00000-of-00001.jsonl"]  # the job's log names the failure
+    from latentgeo.jobs import merge_manifests
+
+    assert [r["input"] for r in merge_manifests(tmp_path / "s").failed] == [str(src / "a.png")]
 
 
 def test_absurdly_large_latents_for_norm_aware_methods(cli, tmp_path):

@@ -40,6 +40,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import secrets
@@ -725,18 +726,41 @@ def _seed_shape(path: Path) -> tuple[int, ...]:
         if suffix == ".safetensors":
             from safetensors import safe_open
 
+            from latentgeo.io import _SAFETENSORS_DTYPES
+            from latentgeo.limits import MAX_ELEMENTS
+
             with safe_open(str(path), framework="pt") as f:
-                if "latent" not in f.keys():
-                    raise InputError(f"{path}: safetensors file has no 'latent' tensor")
-                return tuple(f.get_slice("latent").get_shape())
+                ok = "latent" in f.keys()
+                if ok:
+                    sl = f.get_slice("latent")
+                    shape = tuple(sl.get_shape())
+                    ok = sl.get_dtype() in _SAFETENSORS_DTYPES and 0 < len(shape) and \
+                        0 < math.prod(shape) <= MAX_ELEMENTS
+            if not ok:  # the reason, in io's words
+                _canonical_refusal(path)
+                raise InputError(f"{path}: not a seed file latentgeo reads")
+            return shape
         if suffix == ".pt":
-            return tuple(_pt_tensor(path).shape)
+            from latentgeo.io import validate_latent
+
+            # whole-file checks (dense, no shared memory, size, dtype, finite) on the mapped
+            # tensor; its pages are released when it is dropped
+            return tuple(validate_latent(_pt_tensor(path), str(path)).shape)
     except LatentgeoError:
         raise
     except Exception as e:
+        _canonical_refusal(path)
         raise InputError(f"{path}: not a readable seed file ({_one_line(e)})") from None
     raise InputError(f"{path}: unknown seed file type '{path.suffix}' (expected .pt or "
                      ".safetensors)")
+
+
+def _canonical_refusal(path: Path) -> None:
+    """Raise the one-line refusal :func:`latentgeo.io.load_latent` gives for a file the lazy
+    readers could not read (a pickle that imports code, a corrupt header, ...)."""
+    from latentgeo.io import load_latent
+
+    load_latent(path)
 
 
 def _pt_tensor(path: Path) -> torch.Tensor:
@@ -810,6 +834,7 @@ def load_seed(item: Item) -> torch.Tensor:
     except LatentgeoError:
         raise
     except Exception as e:
+        _canonical_refusal(path)
         raise InputError(f"{item.source}: not a readable seed ({_one_line(e)})") from None
     from latentgeo.io import validate_latent
 

@@ -201,9 +201,15 @@ def render_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, condition
         z = torch.stack([x for x, _ in inputs])
         images = render(backend, z, condition=condition, steps=n_steps, guidance=guidance,
                         batch_size=len(items))
-        norms = z.flatten(1).norm(dim=1).tolist()
+        norms = z.flatten(1).double().norm(dim=1).tolist()
+        finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
         outcomes = []
-        for it, (_, h), img, nrm in zip(items, inputs, images, norms):
+        for it, (x, h), img, nrm, ok in zip(items, inputs, images, norms, finite):
+            if not ok:  # never a black image for a seed the network cannot take
+                outcomes.append(jobs.Outcome(None, error=(
+                    f"{it.source}: rendering gives NaN or infinite pixels (seed entries up to "
+                    f"{float(x.abs().max()):.3g}; a seed's are about 1)")))
+                continue
             path = jobs.save_png(target(it), img, _provenance(h, options, fingerprint),
                                  force=force)
             outcomes.append(jobs.Outcome(path, {"norm": nrm}))
@@ -410,20 +416,6 @@ def _invert_to_file(items: Sequence[Item], output: Path, options: dict[str, Any]
         jobs.save_seed(output, torch.stack([s for _, s, _ in collected]),
                        {**meta, "source": sources}, whole, force=force)
     return report
-
-
-def fail_or_warn(result: JobResult, written: int, message: str | None = None) -> None:
-    """The failure rule of :func:`latentgeo.jobs.exit_on_failures` (one line per failure on
-    stderr first)."""
-    from latentgeo import jobs
-
-    if not result.failed:
-        return
-    for it, why in result.failed:
-        warn(f"failed: {why if why.startswith(it.source) else f'{it.source}: {why}'}")
-    if message is not None and result.launch.world_size <= 1:
-        raise InputError(message)
-    jobs.exit_on_failures(result.failed, written, result.launch.world_size, warn)
 
 
 def summary_rows(result: JobResult) -> list[list[Any]]:
