@@ -224,12 +224,14 @@ class Plan:
 
 
 def plan(items: Sequence[Item], target: Callable[[Item], Path],
-         provenance: Callable[[Item], Provenance], force: bool = False) -> Plan:
+         provenance: Callable[[Item], Provenance], force: bool = False,
+         hint: str = "pass force=True to redo them") -> Plan:
     """Resume rule: an item whose output is absent is to do; present with equal provenance,
     skipped; present and different (or without provenance), refused unless ``force``.
 
-    Refusal is one OutputExistsError naming the first such output and what differs, raised
-    before anything is written. ``provenance(item)`` is called only for existing outputs.
+    Refusal is one OutputExistsError naming the first such output and what differs, then
+    ``hint`` (the CLI names its flag), raised before anything is written.
+    ``provenance(item)`` is called only for existing outputs.
     """
     result = Plan()
     conflicts: list[str] = []
@@ -254,7 +256,7 @@ def plan(items: Sequence[Item], target: Callable[[Item], Path],
             result.skipped.append(it)
     if conflicts:
         more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
-        raise OutputExistsError(f"{conflicts[0]}{more}; use --force to redo, or another -o")
+        raise OutputExistsError(f"{conflicts[0]}{more}; {hint}")
     return result
 
 

@@ -116,7 +116,8 @@ def drive(command: str, items: Sequence[Item], out_dir: Path, *,
     from latentgeo.cli.common import Terminated
 
     plan = jobs.plan(items, target,
-                     lambda it: _provenance(input_hash(it), options, fingerprint), force)
+                     lambda it: _provenance(input_hash(it), options, fingerprint), force,
+                     hint="use --force to redo, or another -o")
     jobs.clean_stale_temps(out_dir)
     # Alone and unsharded, a run in which every input fails leaves no folder and no manifest.
     alone = launch.world_size == 1 and shard.count == 1
@@ -146,7 +147,7 @@ def this_process(shard_text: str | None, device: str) -> tuple[Launch, Shard, st
     from latentgeo.launch import detect_launch, rank_device, resolve_shard
 
     launch = detect_launch()
-    return launch, resolve_shard(shard_text, launch), rank_device(device, launch)
+    return launch, resolve_shard(shard_text, launch, "--shard"), rank_device(device, launch)
 
 
 def warn(message: str) -> None:
