@@ -187,9 +187,10 @@ def invert(
                                    condition=condition, steps=n_steps, guidance=guidance,
                                    batch_size=batch_size, callback=advance)
 
+    applied = backend.effective_guidance(condition, guidance)  # 1 when unconditional
     method = "ddim" if fixed_point == 0 else f"ddim-fixed-point-{fixed_point}"
     meta = {"model": backend.name, "family": backend.family, "steps": str(n_steps),
-            "guidance": str(guidance), "method": method, "fixed_point_iters": str(fixed_point),
+            "guidance": str(applied), "method": method, "fixed_point_iters": str(fixed_point),
             "anderson": str(anderson),
             "tol": str(tol if tol is not None else 1e-5), "latentgeo": __version__}
     if prompt is not None:
@@ -216,7 +217,7 @@ def invert(
             row["psnr_db"] = float(trip.psnr[i])
         rows.append(row)
     if json:
-        print_json({"model": backend.name, "steps": n_steps, "guidance": guidance,
+        print_json({"model": backend.name, "steps": n_steps, "guidance": applied,
                     "method": method, "results": rows, "skipped": problems})
     else:
         cols = ["image", "seed", "norm", "chi z", "NFE"] + (
