@@ -36,6 +36,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("centroid", "centroid", "centroid"),
     ("stats", "stats", "stats"),
     ("reproject", "reproject", "reproject"),
+    ("optimize", "optimize", "optimize"),
 ]
 
 for _name, _module, _func in COMMANDS:

@@ -283,8 +283,9 @@ class Backend:
 
 def to_unit_images(x: torch.Tensor) -> torch.Tensor:
     """Model-range images in [-1, 1] -> float32 in [0, 1] (diffusers' ``denormalize``:
-    (x / 2 + 0.5).clamp(0, 1))."""
-    return (x.to(torch.float32) / 2.0 + 0.5).clamp(0.0, 1.0)
+    (x / 2 + 0.5).clamp(0, 1)); float64 stays float64 (float64 gradient checks)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.to(dtype) / 2.0 + 0.5).clamp(0.0, 1.0)
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
