@@ -63,8 +63,10 @@ StopAt = Annotated[float | None, typer.Option(
     "--stop-at", callback=finite, help="Stop a seed once its target reward reaches this.")]
 
 
-def _check_specs(rewards: list[str], weights: list[float] | None) -> None:
-    """Torch-free checks of --reward / --reward-weight before any model loads."""
+def _check_specs(rewards: list[str], weights: list[float] | None,
+                 reward_model: object = None) -> None:
+    """Torch-free checks of --reward / --reward-weight / --reward-model before any model
+    loads."""
     if not rewards:
         raise InputError("--reward: give at least one (class:N, clip:TEXT, "
                          "python:MODULE:FUNCTION)")
@@ -73,6 +75,9 @@ def _check_specs(rewards: list[str], weights: list[float] | None) -> None:
         if kind not in names.REWARD_KINDS or not sep:
             raise InputError(f"--reward {spec!r}: unknown reward (choose from class:N, "
                              "clip:TEXT, python:MODULE:FUNCTION)")
+        if kind == "clip" and reward_model is None:
+            raise InputError(f"--reward {spec!r} needs --reward-model PATH (a local "
+                             "transformers CLIPModel folder)")
     if weights and len(weights) != len(rewards):
         raise InputError(f"--reward-weight: {len(weights)} weight(s) for {len(rewards)} "
                          "reward(s); give one per --reward, in order")
@@ -116,7 +121,7 @@ def optimize(
     SD-family pipelines take clip:TEXT with --reward-model. --render DIR writes NAME_before.png,
     NAME_after.png and NAME_trajectory.png per seed. GPU: --device cuda --dtype bfloat16.
     """
-    _check_specs(reward, reward_weight)
+    _check_specs(reward, reward_weight, reward_model)
     import torch
 
     from latentgeo.cli.common import err_console, print_json, print_table, refuse_non_finite
