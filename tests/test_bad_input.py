@@ -659,3 +659,20 @@ def test_all_or_nothing_under_force_restores_replaced_files(tmp_path, monkeypatc
     for name in ("a", "b"):
         assert torch.equal(load_latent(tmp_path / f"{name}.pt")[0], torch.zeros(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]
+
+
+@pytest.mark.parametrize("kind", ["pickle-p4", "expanded-4TB", "float8"])
+def test_bad_latent_file_refused_by_optimize(cli, tmp_path, kind):
+    bad = _write_bad(tmp_path, kind)
+    run_refused(cli, tmp_path, ["optimize", bad, "-o", tmp_path / "o.pt", "--model",
+                                tiny_pixel_path(), "--steps", "1", "--reward", "class:3",
+                                "--iters", "1"], BAD_LATENTS[kind][1])
+
+
+def test_optimize_stderr_has_no_blank_line(cli, tmp_path):
+    """No progress bar off a terminal; a stopped seed's warning is one line."""
+    z = latent(tmp_path / "huge.pt", shape=TINY_PIXEL_LATENT, scale=3e37)
+    r = cli("optimize", z, "-o", tmp_path / "o.pt", "--model", tiny_pixel_path(), "--steps",
+            "1", "--reward", "class:3", "--iters", "1")
+    assert r.stderr.splitlines() == [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert all(ln.startswith("warning: seed huge") for ln in r.stderr.splitlines())

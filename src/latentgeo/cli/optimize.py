@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -172,7 +173,7 @@ def optimize(
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                         TextColumn("{task.fields[live]}"), console=err_console,
-                        transient=True, disable=json)
+                        transient=True, disable=json or not err_console.is_terminal)
 
     def on_iteration(t: int, rows: list[int], records: list[dict]) -> None:
         target = sum(r["target"] for r in records) / len(records)
@@ -250,7 +251,8 @@ def optimize(
                   r["best_iteration"], r["status"]] for r in records])
     for r in records:
         if r["status"].startswith("stopped"):
-            err_console.print(f"warning: seed {r['seed']}: {r['status']}")
+            # plain print: one line whatever the width, file names never read as Rich markup
+            print(f"warning: seed {r['seed']}: {r['status']}", file=sys.stderr)
 
 
 def _settings_dict(s: Any) -> dict:
