@@ -66,17 +66,6 @@ def _unique_names(paths: list[Path]) -> list[str]:
     return unique_names([p.stem for p in paths])
 
 
-def _select(result: Any, keep: list[int]) -> Any:
-    """The images ``keep`` of an :class:`~latentgeo.diffusion.inversion.ImageInversion`
-    (per-image fields are indexed on dim 0, ``residual`` (S, B) on dim 1)."""
-    import dataclasses
-
-    return dataclasses.replace(
-        result, seeds=result.seeds[keep], x0=result.x0[keep], nfe=result.nfe[keep],
-        max_residual=result.max_residual[keep], converged_steps=result.converged_steps[keep],
-        residual=result.residual[:, keep])
-
-
 def invert(
     images: Annotated[list[str], typer.Argument(
         help="Image files, directories of images, or glob patterns (e.g. 'digits/*.png').",

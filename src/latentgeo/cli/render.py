@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from latentgeo.cli.common import print_json, print_table
-from latentgeo.cli.jobrun import fail_or_warn, warn
+from latentgeo.cli.jobrun import fail_or_warn
 from latentgeo.cli.options import (
     BatchSize,
     ClassLabel,
