@@ -41,7 +41,8 @@ Flag meanings
 ``--prompt``           text prompt (text-to-image models)
 ``--class``            class label (the bundled digit model: 0-9)
 ``--guidance``         classifier-free guidance scale (default: the model's; 1 = none)
-``--batch-size``       seeds or images per network call
+``--batch-size``       seeds or images per network call (and per streamed chunk of a job)
+``--shard``            I/N: shard I of N of the sorted inputs (job arrays; composes with torchrun)
 ``--render``           also render the latents into this folder (PNGs)
 ``--alpha``            family-wise false-alarm rate of the Gaussianity verdict
 ``--json``             results as JSON on stdout (strict JSON: no NaN or Infinity)
@@ -124,6 +125,10 @@ Guidance = Annotated[float | None, typer.Option(
     help="Classifier-free guidance scale (default: the model's; 1 = none).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, max=65_536,
                                         help="Seeds or images per network call.")]
+Shard = Annotated[str | None, typer.Option(
+    "--shard", help="Do shard I of N of the sorted inputs (I/N, counted from 0; e.g. a job "
+    "array's index). Under torchrun/accelerate each rank takes its part of that shard.",
+    show_default=False)]
 Render = Annotated[Path | None, typer.Option(
     "--render", help="Also render the latents with --model into this folder (PNGs).")]
 
