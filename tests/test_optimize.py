@@ -245,7 +245,7 @@ def test_reward_registry_errors(pix):
     sd = types.SimpleNamespace(family="sd", image_channels=3, name="tiny-sd")
     with pytest.raises(InputError, match="needs a digit model"):
         parse_reward("class:3", sd)
-    with pytest.raises(InputError, match="--reward-model"):
+    with pytest.raises(InputError, match="needs a local CLIP model folder"):
         parse_reward("clip:a dog")
     with pytest.raises(InputError, match="cannot import"):
         parse_reward("python:no_such_module_xyz:f")

@@ -607,6 +607,7 @@ class Outcome:
 
     output: Path | None
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: why this one item failed (nothing was written for it), e.g. a non-finite result
     error: str | None = None
 
 
@@ -632,8 +633,9 @@ def run(items: Sequence[Item], load: Loader, process: Processor, *, batch_size: 
         progress: Callable[[int], None] | None = None, keep_outcomes: bool = True) -> Report:
     """Stream ``items`` through ``load`` (one item -> its input, e.g. an image tensor; a
     LatentgeoError marks the item failed) and ``process`` (a list of <= ``batch_size`` items and
-    their inputs -> one Outcome each, outputs already written). A LatentgeoError from
-    ``process`` fails the whole chunk; other exceptions propagate (bugs, interrupts).
+    their inputs -> one Outcome each, outputs already written, or an Outcome with ``error`` set
+    for an item that failed alone and wrote nothing). A LatentgeoError from ``process`` fails
+    the whole chunk; other exceptions propagate (bugs, interrupts).
 
     ``skipped`` items (from :func:`plan`) are recorded in the manifest with the metrics of their
     last ``done`` record. ``progress(n)`` is called with the number of items just finished
@@ -681,7 +683,7 @@ def run(items: Sequence[Item], load: Loader, process: Processor, *, batch_size: 
             if oc.error is not None:
                 report.failed.append((it, oc.error))
                 if manifest is not None:
-                    manifest.item(it.source, "", "failed", share, oc.metrics, error=oc.error)
+                    manifest.item(it.source, "", "failed", share, error=oc.error)
                 continue
             report.n_done += 1
             if keep_outcomes:
@@ -766,16 +768,28 @@ def _canonical_refusal(path: Path) -> None:
 
 
 def _pt_tensor(path: Path) -> torch.Tensor:
-    """The latent of a .pt file, memory-mapped where the file allows (the zip format)."""
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be mapped
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "latent" in obj:
-        obj = obj["latent"]
-    if not isinstance(obj, torch.Tensor):
-        raise InputError(f"{path}: expected a tensor or a dict with a 'latent' tensor")
-    return obj
+    """The latent of a .pt file, memory-mapped where the file allows (the zip format), with
+    :mod:`latentgeo.io`'s refusals (a pickle that imports anything is named, never run; sparse,
+    expanded, oversized or non-float tensors refused) and no value read yet."""
+    import warnings
+
+    from latentgeo.io import _pt_refusal, _unpack_pt, check_latent_layout
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's pickle-protocol notes are not for users
+        try:
+            try:
+                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # legacy (non-zip) files cannot be mapped
+                if "Weights only load failed" in str(e):
+                    raise
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except LatentgeoError:
+            raise
+        except Exception as e:
+            raise InputError(_pt_refusal(path, e)) from None
+    x, _ = _unpack_pt(obj, path)
+    return check_latent_layout(x, str(path))
 
 
 def seed_items(paths: Sequence[Path], latent_shape: Sequence[int]

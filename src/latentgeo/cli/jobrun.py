@@ -203,13 +203,13 @@ def render_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, condition
         images = render(backend, z, condition=condition, steps=n_steps, guidance=guidance,
                         batch_size=len(items))
         norms = z.flatten(1).double().norm(dim=1).tolist()
-        finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
         outcomes = []
+        finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
         for it, (x, h), img, nrm, ok in zip(items, inputs, images, norms, finite):
-            if not ok:  # never a black image for a seed the network cannot take
+            if not ok:  # never a black PNG for a seed the model cannot render
                 outcomes.append(jobs.Outcome(None, error=(
-                    f"{it.source}: rendering gives NaN or infinite pixels (seed entries up to "
-                    f"{float(x.abs().max()):.3g}; a seed's are about 1)")))
+                    f"rendering gives NaN or infinite pixels (seed entries up to "
+                    f"{float(x.abs().max()):.3g}; a seed's are about 1); no image written")))
                 continue
             path = jobs.save_png(target(it), img, _provenance(h, options, fingerprint),
                                  force=force)
@@ -309,12 +309,13 @@ def invert_job(backend: Any, paths: Sequence[Path], names: Sequence[str], output
     n_steps = backend.default_steps if steps is None else int(steps)
     method = "ddim" if fixed_point == 0 else f"ddim-fixed-point-{fixed_point}"
     tol_value = tol if tol is not None else 1e-5
-    options = {"command": "invert", "steps": n_steps, "guidance": float(guidance),
+    applied = backend.effective_guidance(condition, guidance)  # 1 when unconditional
+    options = {"command": "invert", "steps": n_steps, "guidance": applied,
                "condition": condition, "fixed_point_iters": fixed_point, "tol": tol_value,
                "anderson": anderson, "dtype": str(backend.dtype).removeprefix("torch.")}
     fingerprint = backend.fingerprint()
     meta = {"model": backend.name, "family": backend.family, "steps": str(n_steps),
-            "guidance": str(guidance), "method": method, "fixed_point_iters": str(fixed_point),
+            "guidance": str(applied), "method": method, "fixed_point_iters": str(fixed_point),
             "anderson": str(anderson), "tol": str(tol_value), "latentgeo": __version__}
     if prompt is not None:
         meta["prompt"] = prompt
@@ -344,12 +345,12 @@ def invert_job(backend: Any, paths: Sequence[Path], names: Sequence[str], output
                                    steps=n_steps, guidance=guidance, batch_size=len(items))
         z = norm_z_scores(res.seeds)
         norms = res.seeds.flatten(1).double().norm(dim=1)
-        finite = torch.isfinite(res.seeds).flatten(1).all(dim=1).tolist()
         outcomes = []
+        finite = torch.isfinite(res.seeds).flatten(1).all(dim=1).tolist()
         for i, (it, (_, h)) in enumerate(zip(items, inputs)):
             if not finite[i]:  # never write a seed the tool would refuse to read
-                outcomes.append(jobs.Outcome(None, error=f"{it.source}: inversion gave NaN "
-                                             "or infinite seed entries"))
+                outcomes.append(jobs.Outcome(None, error="inversion gave NaN or infinite "
+                                                         "seed entries"))
                 continue
             metrics = {"norm": float(norms[i]), "chi_z": float(z[i]), "nfe": int(res.nfe[i]),
                        "max_step_residual": float(res.max_residual[i])}
@@ -384,7 +385,7 @@ def invert_job(backend: Any, paths: Sequence[Path], names: Sequence[str], output
         for it in report.skipped:
             rows.append({"image": it.source, "seed": str(target(it)), "skipped": True})
         rows.sort(key=lambda r: position[Path(r["seed"]).stem])  # the order given
-    header = {"model": backend.name, "steps": n_steps, "guidance": guidance, "method": method}
+    header = {"model": backend.name, "steps": n_steps, "guidance": applied, "method": method}
     return JobResult(shard, launch, len(mine), report, rows), header
 
 
@@ -419,13 +420,37 @@ def _invert_to_file(items: Sequence[Item], output: Path, options: dict[str, Any]
     return report
 
 
+def fail_or_warn(result: JobResult, written: int, message: str | None = None,
+                 problems: Sequence[str] = ()) -> None:
+    """The batch failure rule (docs/bad-input.md): one ``skipped: NAME: reason`` line per failed
+    item on stderr, then, alone, one ``error:`` line summing up (exit 2); a single failed item
+    with nothing written is just that one ``error:`` line. Under a launcher the summary is a
+    warning (exit 0): the failures are in the manifest (:func:`latentgeo.jobs.exit_on_failures`)."""
+    from latentgeo import jobs
+
+    lines = list(problems) + [why if why.startswith(it.source) else f"{it.source}: {why}"
+                              for it, why in result.failed]
+    if not lines:
+        return
+    alone = result.launch.world_size <= 1
+    if alone and len(lines) == 1 and written == 0:
+        raise InputError(lines[0])
+    for line in lines:
+        warn(f"skipped: {line}")
+    if alone:
+        raise InputError(message if message is not None else
+                         f"{len(lines)} input(s) skipped, {written} output(s) written")
+    if result.failed:
+        jobs.exit_on_failures(result.failed, written, result.launch.world_size, warn)
+    else:
+        warn(f"warning: {len(lines)} input(s) skipped (exit 0 under the launcher)")
+
+
 def summary_rows(result: JobResult) -> list[list[Any]]:
     """Rows of the summary table printed for jobs too large for a per-item table."""
     rep = result.report
     return [["written", rep.n_done], ["already there (skipped)", len(rep.skipped)],
             ["failed", len(rep.failed)], ["seconds", round(rep.seconds, 2)]]
-
-
 
 
 # -- optimize -------------------------------------------------------------------------------------

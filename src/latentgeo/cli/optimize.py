@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -65,8 +66,10 @@ StopAt = Annotated[float | None, typer.Option(
     "--stop-at", callback=finite, help="Stop a seed once its target reward reaches this.")]
 
 
-def _check_specs(rewards: list[str], weights: list[float] | None) -> None:
-    """Torch-free checks of --reward / --reward-weight before any model loads."""
+def _check_specs(rewards: list[str], weights: list[float] | None,
+                 reward_model: object = None) -> None:
+    """Torch-free checks of --reward / --reward-weight / --reward-model before any model
+    loads."""
     if not rewards:
         raise InputError("--reward: give at least one (class:N, clip:TEXT, "
                          "python:MODULE:FUNCTION)")
@@ -75,6 +78,9 @@ def _check_specs(rewards: list[str], weights: list[float] | None) -> None:
         if kind not in names.REWARD_KINDS or not sep:
             raise InputError(f"--reward {spec!r}: unknown reward (choose from class:N, "
                              "clip:TEXT, python:MODULE:FUNCTION)")
+        if kind == "clip" and reward_model is None:
+            raise InputError(f"--reward {spec!r} needs --reward-model PATH (a local "
+                             "transformers CLIPModel folder)")
     if weights and len(weights) != len(rewards):
         raise InputError(f"--reward-weight: {len(weights)} weight(s) for {len(rewards)} "
                          "reward(s); give one per --reward, in order")
@@ -126,7 +132,7 @@ def optimize(
     OUTPUT/manifest-*.jsonl. Under torchrun or accelerate launch each process takes its own
     share; --shard I/N splits the work for job arrays.
     """
-    _check_specs(reward, reward_weight)
+    _check_specs(reward, reward_weight, reward_model)
     import torch
 
     from latentgeo.cli.common import err_console, print_json, print_table, refuse_non_finite
@@ -188,7 +194,7 @@ def optimize(
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                         TextColumn("{task.fields[live]}"), console=err_console,
-                        transient=True, disable=json)
+                        transient=True, disable=json or not err_console.is_terminal)
 
     def on_iteration(t: int, rows: list[int], records: list[dict]) -> None:
         target = sum(r["target"] for r in records) / len(records)
@@ -266,7 +272,8 @@ def optimize(
                   r["best_iteration"], r["status"]] for r in records])
     for r in records:
         if r["status"].startswith("stopped"):
-            err_console.print(f"warning: seed {r['seed']}: {r['status']}")
+            # plain print: one line whatever the width, file names never read as Rich markup
+            print(f"warning: seed {r['seed']}: {r['status']}", file=sys.stderr)
 
 
 def _settings_dict(s: Any) -> dict:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from latentgeo.cli.common import print_json, print_table
-from latentgeo.cli.jobrun import warn
+from latentgeo.cli.jobrun import fail_or_warn
 from latentgeo.cli.options import (
     BatchSize,
     ClassLabel,
@@ -108,15 +108,6 @@ def render(
                                 guidance=guidance, batch_size=batch_size, grid=grid,
                                 force=force, quiet=json, keep_rows=json, shard=my_shard,
                                 launch=launch)
-    rep = result.report
-    if not rep.n_done and not rep.skipped and rep.failed and launch.world_size == 1:
-        msgs = header["problems"] + [why if why.startswith(it.source) else f"{it.source}: {why}"
-                                     for it, why in rep.failed]
-        if len(msgs) == 1:
-            raise InputError(msgs[0])
-        for msg in msgs:
-            warn(f"skipped: {msg}")
-        raise InputError(f"none of the {len(msgs)} seed(s) could be rendered")
     rows = result.rows
     if json:
         print_json({**{k: v for k, v in header.items() if k != "problems"},
@@ -141,15 +132,4 @@ def render(
             print_table(title, ["", "seeds"], summary_rows(result))
         if "grid" in header:
             print(f"grid: {header['grid']}")
-    problems = header.pop("problems") + [
-        why if why.startswith(it.source) else f"{it.source}: {why}"
-        for it, why in result.failed]
-    if problems:
-        for msg in problems:
-            warn(f"skipped: {msg}")
-        message = (f"{len(problems)} seed file(s) or seed(s) skipped, "
-                   f"{result.report.n_done} image(s) written")
-        if launch.world_size > 1:
-            warn(f"warning: {message} (recorded in the manifest; exit 0 under the launcher)")
-        else:
-            raise InputError(message)
+    fail_or_warn(result, result.report.n_done, problems=header.pop("problems"))

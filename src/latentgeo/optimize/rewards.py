@@ -173,8 +173,8 @@ def clip_reward(arg: str, backend: Any = None, model: str | None = None,
     if not arg.strip():
         raise InputError("reward clip:TEXT: the text is empty")
     if model is None:
-        raise InputError(f"reward clip:{arg} needs a local CLIP model folder (--reward-model "
-                         "PATH: any transformers CLIPModel folder)")
+        raise InputError(f"reward clip:{arg} needs a local CLIP model folder (model=PATH: "
+                         "any transformers CLIPModel folder)")
     path = Path(model).expanduser()
     if not path.is_dir():
         raise ModelError(f"CLIP model {model}: not a folder")
