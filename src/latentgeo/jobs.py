@@ -828,10 +828,43 @@ def seed_items(paths: Sequence[Path], latent_shape: Sequence[int]
     return [Item(k, src, ref) for k, (src, ref) in zip(keys, refs)], problems
 
 
+_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+              "F64": torch.float64}
+
+
+def _safetensors_row(path: Path, row: int) -> torch.Tensor:
+    """Row ``row`` of the ``latent`` tensor of a safetensors file, read with one seek and one
+    read (the format: 8-byte little-endian header length, JSON header with dtype, shape and
+    data offsets, then the row-major data). No memory map: a mapped batch file's pages would
+    count towards the process's resident memory, growing with the file."""
+    import struct
+    import sys
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        meta = header["latent"]
+        dtype = _ST_DTYPES[meta["dtype"]]
+        shape = [int(d) for d in meta["shape"]]
+        if not 0 <= row < shape[0]:
+            raise InputError(f"{path}: row {row} is outside its {shape[0]} seed(s)")
+        start, _ = (int(o) for o in meta["data_offsets"])
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        count = math.prod(shape[1:])
+        f.seek(8 + n + start + row * count * itemsize)
+        data = bytearray(f.read(count * itemsize))
+    if len(data) != count * itemsize:
+        raise InputError(f"{path}: file is truncated (row {row})")
+    x = torch.frombuffer(data, dtype=dtype).reshape(shape[1:])
+    if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
+        x = x.view(torch.uint8).reshape(*shape[1:], itemsize).flip(-1).view(dtype)
+    return x
+
+
 def load_seed(item: Item) -> torch.Tensor:
-    """The seed of a :func:`seed_items` item as float32, read alone (a safetensors slice or a
-    memory-mapped row; the file is closed again, so nothing of it stays resident). NaN or
-    infinite entries are an InputError naming the source."""
+    """The seed of a :func:`seed_items` item as float32, read alone (one row of a batch file
+    by seek and read, or a memory-mapped .pt row; the file is closed again, so nothing of it
+    stays resident). NaN or infinite entries are an InputError naming the source."""
     if item.ref is None:
         path, row = Path(item.source), None
     else:
@@ -840,9 +873,11 @@ def load_seed(item: Item) -> torch.Tensor:
         if path.suffix.lower() == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as f:
-                x = f.get_tensor("latent") if row is None else \
-                    f.get_slice("latent")[row:row + 1][0]
+            if row is None:
+                with safe_open(str(path), framework="pt") as f:
+                    x = f.get_tensor("latent")
+            else:
+                x = _safetensors_row(path, row)
         else:
             t = _pt_tensor(path)
             x = (t if row is None else t[row]).clone()
