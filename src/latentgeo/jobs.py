@@ -797,8 +797,8 @@ def seed_items(paths: Sequence[Path], latent_shape: Sequence[int]
     """One Item per seed, values not read, and one problem line per file that cannot be used.
 
     A file of shape ``latent_shape`` is one seed keyed by its stem; a batch (B, *latent_shape)
-    gives B seeds keyed ``STEM_000`` ... (source ``FILE[i]``). Keys are made unique by
-    :func:`latentgeo.io.unique_names` (``grid`` reserved). A file of another shape, or one
+    gives B seeds keyed ``STEM_000`` ... (source ``FILE[i]``, ref ``i``). Keys are made unique
+    by :func:`latentgeo.io.unique_names` (``grid`` reserved). A file of another shape, or one
     that is not a seed file, is a problem naming it (and both shapes).
     """
     from latentgeo.io import unique_names
@@ -820,11 +820,12 @@ def seed_items(paths: Sequence[Path], latent_shape: Sequence[int]
         elif len(s) == len(shape) + 1 and s[1:] == shape:
             stem = Path(p).stem
             keys.extend(f"{stem}_{i:03d}" for i in range(s[0]))
-            refs.extend((f"{name}[{i}]", (name, i)) for i in range(s[0]))
+            refs.extend((f"{name}[{i}]", i) for i in range(s[0]))
         else:
             problems.append(f"{p}: seed shape {s} does not fit the model, whose seeds have "
                             f"shape {shape} (or a batch (N, {', '.join(map(str, shape))}))")
-    keys = unique_names(keys, reserved=("grid",))
+    if "grid" in keys or len(set(keys)) != len(keys):  # rare: skip the renaming's sets
+        keys = unique_names(keys, reserved=("grid",))
     return [Item(k, src, ref) for k, (src, ref) in zip(keys, refs)], problems
 
 
@@ -867,8 +868,8 @@ def load_seed(item: Item) -> torch.Tensor:
     stays resident). NaN or infinite entries are an InputError naming the source."""
     if item.ref is None:
         path, row = Path(item.source), None
-    else:
-        path, row = Path(item.ref[0]), int(item.ref[1])
+    else:  # a batch row: source is FILE[ROW], ref the row
+        path, row = Path(item.source[:item.source.rindex("[")]), int(item.ref)
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors import safe_open
