@@ -126,8 +126,32 @@ def peak_rss_kb(cmd: list[str], e: dict[str, str]) -> tuple[int, float]:
     return int(usage.ru_maxrss), time.perf_counter() - t0
 
 
+def item_bytes(tmp: Path, n: int) -> float:
+    """Python memory a job holds per input (tracemalloc: deterministic, unlike a peak RSS):
+    the sorted items of one batch file of ``n`` seeds, this shard's list and the plan."""
+    import tracemalloc
+
+    from latentgeo import jobs
+    from latentgeo.launch import Shard
+
+    seeds = make_seeds(tmp / f"ib-{n}", n, batch_file=True)
+    tracemalloc.start()
+    given, _ = jobs.seed_items([seeds], (1, 32, 32))
+    mine = jobs.shard_items(jobs.sort_items(given), Shard())
+    del given
+    plan = jobs.plan(mine, lambda it: tmp / "none" / f"{it.key}.png", lambda it: None)
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    del plan, mine
+    return held / n
+
+
 def memory(args: argparse.Namespace, tmp: Path) -> dict:
     res = {}
+    per_item = item_bytes(tmp, args.large)
+    res["python_bytes_per_input"] = per_item
+    print(f"  Python memory held per input (tracemalloc, {args.large} seeds): "
+          f"{per_item:.0f} bytes", flush=True)
     for kind in args.kinds:
         row = {}
         for n in (args.small, args.large):
@@ -208,6 +232,8 @@ def main() -> None:
                   "bytes / extra seed"):
             table.add_column(c, justify="left" if c == "input" else "right")
         for kind, r in out["memory"].items():
+            if kind == "python_bytes_per_input":
+                continue
             table.add_row(kind, f"{r[args.small]['peak_rss_kib'] / 1024:.1f}",
                           f"{r[args.large]['peak_rss_kib'] / 1024:.1f}",
                           f"{r['bytes_per_extra_seed']:.0f}")
