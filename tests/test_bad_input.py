@@ -678,3 +678,11 @@ def test_optimize_stderr_has_no_blank_line(cli, tmp_path):
             "1", "--reward", "class:3", "--iters", "1")
     assert r.stderr.splitlines() == [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert all(ln.startswith("warning: seed huge") for ln in r.stderr.splitlines())
+
+
+@pytest.mark.parametrize("bad", ["3/3", "a/b", "1"])
+def test_bad_shard_is_one_line_naming_the_flag(cli, tmp_path, bad):
+    """The library names the value (``shard '3/3'``); the CLI names its flag."""
+    z = latent(tmp_path / "z.pt", shape=TINY_PIXEL_LATENT)
+    run_refused(cli, tmp_path, ["render", z, "-o", tmp_path / "out", "--model",
+                                tiny_pixel_path(), "--shard", bad], "--shard", bad)

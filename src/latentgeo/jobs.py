@@ -253,7 +253,7 @@ def plan(items: Sequence[Item], target: Callable[[Item], Path],
             result.skipped.append(it)
     if conflicts:
         more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
-        raise OutputExistsError(f"{conflicts[0]}{more}; use --force to redo, or another -o")
+        raise OutputExistsError(f"{conflicts[0]}{more}; force=True redoes it, or write elsewhere")
     return result
 
 

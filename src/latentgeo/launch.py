@@ -116,13 +116,14 @@ _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
 def parse_shard(text: str) -> Shard:
-    """``"I/N"`` -> Shard(I, N), 0 <= I < N; anything else is an InputError naming --shard."""
+    """``"I/N"`` -> Shard(I, N), 0 <= I < N; anything else is an InputError naming the text
+    (the CLI prefixes its flag)."""
     m = _SHARD_RE.match(text or "")
     if not m:
-        raise InputError(f"--shard {text!r}: expected I/N with integers, e.g. 0/4")
+        raise InputError(f"shard {text!r}: expected I/N with integers, e.g. 0/4")
     index, count = int(m.group(1)), int(m.group(2))
     if count < 1 or index >= count:
-        raise InputError(f"--shard {text}: need 0 <= I < N (shards are numbered from 0)")
+        raise InputError(f"shard {text}: need 0 <= I < N (shards are numbered from 0)")
     return Shard(index, count)
 
 

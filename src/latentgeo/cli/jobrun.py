@@ -146,7 +146,11 @@ def this_process(shard_text: str | None, device: str) -> tuple[Launch, Shard, st
     from latentgeo.launch import detect_launch, rank_device, resolve_shard
 
     launch = detect_launch()
-    return launch, resolve_shard(shard_text, launch), rank_device(device, launch)
+    try:
+        shard = resolve_shard(shard_text, launch)
+    except InputError as e:  # the library names the value; the CLI its flag
+        raise InputError(f"--{e}") from None
+    return launch, shard, rank_device(device, launch)
 
 
 def warn(message: str) -> None:
