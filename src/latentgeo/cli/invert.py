@@ -18,11 +18,14 @@ from latentgeo.cli.options import (
     Dtype,
     Force,
     Format,
+    Height,
     Json,
     Model,
+    Offload,
     Prompt,
     Shard,
     Steps,
+    Width,
     finite,
 )
 from latentgeo.errors import InputError, OutputExistsError
@@ -97,6 +100,9 @@ def invert(
     shard: Shard = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    height: Height = None,
+    width: Width = None,
+    offload: Offload = False,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -132,7 +138,7 @@ def invert(
         for msg in problems:
             print(f"skipped: {msg}", file=sys.stderr)
         raise InputError(f"none of the {len(problems)} input(s) could be read")
-    backend = load_model(model, my_device, dtype)
+    backend = load_model(model, my_device, dtype, height=height, width=width, offload=offload)
     condition = condition_from(backend, prompt, class_label)
     result, header = invert_job(
         backend, paths, names, output, to_dir=to_dir, suffix=f".{fmt}", condition=condition,

@@ -17,12 +17,15 @@ from latentgeo.cli.options import (
     Force,
     Format,
     Guidance,
+    Height,
     Json,
     Model,
+    Offload,
     Output,
     Prompt,
     Render,
     Steps,
+    Width,
     finite,
 )
 from latentgeo.errors import InputError
@@ -108,6 +111,9 @@ def optimize(
     guidance: Guidance = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    height: Height = None,
+    width: Width = None,
+    offload: Offload = False,
     render: Render = None,
     fmt: Format = "safetensors",
     force: Force = False,
@@ -147,7 +153,7 @@ def optimize(
     if render is not None and render.exists() and not render.is_dir():
         raise InputError(f"--render {render}: exists and is not a directory")
 
-    backend = load_model(model, device, dtype)
+    backend = load_model(model, device, dtype, height=height, width=width, offload=offload)
     condition = condition_from(backend, prompt, class_label)
     z, seed_names, problems = load_seeds([str(p) for p in paths], backend.latent_shape)
     if problems:

@@ -42,6 +42,8 @@ Flag meanings
 ``--class``            class label (the bundled digit model: 0-9)
 ``--guidance``         classifier-free guidance scale (default: the model's; 1 = none)
 ``--batch-size``       seeds or images per network call (and per streamed chunk of a job)
+``--height/--width``   image size in pixels (default: the model's; multiples checked per family)
+``--offload``          keep the networks on the CPU, each moved to --device only while it runs
 ``--shard``            I/N: shard I of N of the sorted inputs (job arrays; composes with torchrun)
 ``--render``           also render the latents into this folder (PNGs)
 ``--alpha``            family-wise false-alarm rate of the Gaussianity verdict
@@ -129,6 +131,14 @@ Shard = Annotated[str | None, typer.Option(
     "--shard", help="Do shard I of N of the sorted inputs (I/N, counted from 0; e.g. a job "
     "array's index). Under torchrun/accelerate each rank takes its part of that shard.",
     show_default=False)]
+Height = Annotated[int | None, typer.Option(
+    "--height", min=8, max=16_384, help="Image height in pixels (default: the model's; SD/SDXL "
+    "take multiples of 8, SD3/FLUX of 16; the bundled models only their own 32).")]
+Width = Annotated[int | None, typer.Option(
+    "--width", min=8, max=16_384, help="Image width in pixels (as --height).")]
+Offload = Annotated[bool, typer.Option(
+    "--offload", help="Keep the networks on the CPU and move each to --device only while it "
+    "runs (diffusers' model CPU offload, for large models on small GPUs; needs a GPU).")]
 Render = Annotated[Path | None, typer.Option(
     "--render", help="Also render the latents with --model into this folder (PNGs).")]
 

@@ -16,12 +16,15 @@ from latentgeo.cli.options import (
     Dtype,
     Force,
     Guidance,
+    Height,
     ImageFolder,
     Json,
     Model,
+    Offload,
     Prompt,
     Shard,
     Steps,
+    Width,
 )
 from latentgeo.errors import InputError
 
@@ -73,6 +76,9 @@ def render(
     guidance: Guidance = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    height: Height = None,
+    width: Width = None,
+    offload: Offload = False,
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png with all "
                                        "images.")] = False,
     batch_size: BatchSize = 16,
@@ -102,7 +108,7 @@ def render(
 
     launch, my_shard, my_device = this_process(shard, device)
     paths = expand_latent_paths(seeds)  # missing seed files fail before the model loads
-    backend = load_model(model, my_device, dtype)
+    backend = load_model(model, my_device, dtype, height=height, width=width, offload=offload)
     condition = condition_from(backend, prompt, class_label)
     result, header = render_job(backend, paths, out, condition=condition, steps=steps,
                                 guidance=guidance, batch_size=batch_size, grid=grid,
