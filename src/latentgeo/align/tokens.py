@@ -219,11 +219,13 @@ def attach(backend: Any, tokens: SoftTokens | None, source: str = "soft tokens")
 # -- files --------------------------------------------------------------------------------------
 
 def save_tokens(path: str | Path, tokens: SoftTokens, force: bool = False,
-                extra: dict[str, Any] | None = None) -> Path:
+                extra: dict[str, Any] | None = None,
+                negative: SoftTokens | None = None) -> Path:
     """Write tokens as safetensors (key ``tokens``) with string metadata: format, kind, points,
     buckets, num_train_timesteps and ``tokens.meta`` (model, fingerprint, family, loss,
     steps, ...), plus ``extra`` values (JSON-encoded when not strings). Atomic; refuses to
-    overwrite without ``force``."""
+    overwrite without ``force``. ``negative``: AGSM's negative bank, kept as ``negative``
+    (never applied at inference)."""
     from safetensors.torch import save_file
 
     from latentgeo.io import atomic_write
@@ -232,9 +234,10 @@ def save_tokens(path: str | Path, tokens: SoftTokens, force: bool = False,
                               for k, v in (extra or {}).items()}}
     meta.update(format=FORMAT, kind=tokens.kind, points=",".join(tokens.points),
                 buckets=str(tokens.buckets), num_train_timesteps=str(tokens.num_train_timesteps))
-    values = tokens.values.detach().to("cpu", torch.float32).contiguous()
-    return atomic_write(Path(path), lambda tmp: save_file({"tokens": values}, str(tmp), meta),
-                        force=force)
+    tensors = {"tokens": tokens.values.detach().to("cpu", torch.float32).contiguous()}
+    if negative is not None:
+        tensors["negative"] = negative.values.detach().to("cpu", torch.float32).contiguous()
+    return atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), meta), force=force)
 
 
 def load_tokens(path: str | Path) -> SoftTokens:

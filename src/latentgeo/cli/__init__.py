@@ -33,6 +33,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("centroid", "centroid", "centroid"),
     ("stats", "stats", "stats"),
     ("reproject", "reproject", "reproject"),
+    ("align", "align", "align"),
 ]
 
 for _name, _module, _func in COMMANDS:

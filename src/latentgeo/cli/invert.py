@@ -22,6 +22,7 @@ from latentgeo.cli.common import (
     print_table,
     progress_bar,
 )
+from latentgeo.cli.soft_tokens import SoftTokensFile, read_soft_tokens, use_soft_tokens
 from latentgeo.errors import InputError, LatentgeoError, OutputExistsError
 
 _GLOB_CHARS = "*?["
@@ -100,6 +101,7 @@ def invert(
     = "safetensors",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1,
                                             help="Images per network call.")] = 16,
+    soft_tokens: SoftTokensFile = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
     force: Force = False,
@@ -137,7 +139,10 @@ def invert(
             if t.exists():
                 raise OutputExistsError(f"{t}: exists (use --force to overwrite)")
 
+    tokens = read_soft_tokens(soft_tokens)
     backend = load_model(model, device, dtype) if paths or not problems else None
+    if backend is not None:
+        use_soft_tokens(backend, tokens, soft_tokens)
     good: list[tuple[Path, str, Path, Any]] = []
     for p, name, target in zip(paths, names, targets if to_dir else [output] * len(paths)):
         if backend is None:

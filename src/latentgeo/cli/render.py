@@ -20,6 +20,7 @@ from latentgeo.cli.common import (
     print_table,
 )
 from latentgeo.cli.rendering import BatchSize
+from latentgeo.cli.soft_tokens import SoftTokensFile, read_soft_tokens, use_soft_tokens
 from latentgeo.errors import InputError, ShapeError
 
 
@@ -69,6 +70,7 @@ def render(
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png with all "
                                        "images.")] = False,
     batch_size: BatchSize = 16,
+    soft_tokens: SoftTokensFile = None,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -86,7 +88,9 @@ def render(
     from latentgeo.io import expand_latent_paths
 
     expand_latent_paths(seeds)  # missing seed files fail before the model loads
+    tokens = read_soft_tokens(soft_tokens)
     backend = load_model(model, device, dtype)
+    use_soft_tokens(backend, tokens, soft_tokens)
     condition = condition_from(backend, prompt, class_label)
     z, names = load_seeds(seeds, backend.latent_shape)
     check_targets([out / f"{n}.png" for n in names] + ([out / "grid.png"] if grid else []),
