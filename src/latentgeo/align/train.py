@@ -6,7 +6,8 @@ timestep t uniform over the model's training timesteps and one noise eps shared 
 x_t = alpha_t x0 + sigma_t eps, and evaluate the network on every (image, condition) pair
 through the backend's own model function (guidance 1) with the tokens hooked in. Only the tokens
 (and SoftREPA's scale and temperature) receive gradients; the networks stay frozen. AdamW
-lr 1e-3, weight decay 1e-4 (SoftREPA's). Progress is a callback; nothing is printed.
+lr 1e-3 (1e-2 for the bundled model's class offsets), weight decay 1e-4 (SoftREPA's).
+Progress is a callback; nothing is printed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ LOSSES = ("softrepa", "agsm")
 #: SoftREPA's denoising weight per family (0 for SD3, 10 for SD1.5/SDXL; the bundled VP model
 #: takes the UNet value).
 DWEIGHT = {"pixel": 10.0, "sd": 10.0, "sdxl": 10.0}
+
+#: Learning rate per family: SoftREPA's 1e-3 for text tokens; the bundled model's class
+#: embeddings have entries of size ~1 (row norms ~8), which 1e-3 AdamW steps barely move in a
+#: few hundred steps, so its offsets train at 1e-2.
+DEFAULT_LR = {"pixel": 1e-2, "sd": 1e-3, "sdxl": 1e-3}
 
 #: callback(step, steps, loss) after every step.
 TrainCallback = Callable[[int, int, float], None]
@@ -114,14 +120,15 @@ def _batches(conditions: Sequence[Any], batch_size: int, generator: torch.Genera
 
 def train_tokens(backend: Any, images: torch.Tensor, conditions: Sequence[Any],
                  loss: str = "softrepa", steps: int = 300, batch_size: int = 10,
-                 lr: float = 1e-3, weight_decay: float = 1e-4, buckets: int = 1,
+                 lr: float | None = None, weight_decay: float = 1e-4, buckets: int = 1,
                  n_tokens: int = 4, seed: int = 0, dweight: float | None = None,
                  t_range: tuple[int, int] | None = None,
                  callback: TrainCallback | None = None) -> AlignResult:
     """Train soft tokens for a frozen ``backend`` on (image, condition) pairs.
 
     images: (N, C, H, W) in [0, 1] (the backend's image size); conditions: N conditions the
-    backend takes (class ints, prompts). loss: 'softrepa' or 'agsm'. Tokens: zeros at the
+    backend takes (class ints, prompts). loss: 'softrepa' or 'agsm'. lr: AdamW's (default
+    :data:`DEFAULT_LR` of the family). Tokens: zeros at the
     start (all-zero class offsets are the plain model exactly; cross-attention tokens start at
     N(0, 0.02^2) as SoftREPA's). t uniform on ``t_range`` (default every training timestep).
     Deterministic for a given ``seed`` on the CPU. Returns :class:`AlignResult`; the tokens
@@ -131,6 +138,7 @@ def train_tokens(backend: Any, images: torch.Tensor, conditions: Sequence[Any],
         raise InputError(f"loss {loss!r}: use one of {', '.join(LOSSES)}")
     if steps < 1 or batch_size < 2:
         raise InputError("steps must be >= 1 and batch size >= 2 (a contrastive batch)")
+    lr = DEFAULT_LR.get(backend.family, 1e-3) if lr is None else float(lr)
     if not (lr > 0 and math.isfinite(lr)):
         raise InputError(f"learning rate {lr}: must be a positive number")
     n = images.shape[0]

@@ -11,7 +11,7 @@ from latentgeo.cli.common import Device, Dtype, Force, Json, Model, Seed, print_
 
 #: Default training steps: the bundled model's default run (10 classes x 10 conditions per
 #: step) finishes in well under 15 minutes on a quiet 2-core CPU (docs/results/align.md).
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 200
 
 
 def align(
@@ -28,7 +28,9 @@ def align(
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Pairs per step; "
                                             "every image meets every condition of the "
                                             "batch (B x B network rows).")] = 10,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate.")] = 1e-3,
+    lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="AdamW learning rate "
+                                             "(default 1e-2 for class models, 1e-3 for "
+                                             "SD/SDXL).")] = None,
     buckets: Annotated[int, typer.Option("--buckets", min=1, help="Timestep buckets (one "
                                          "token set per bucket).")] = 1,
     n_tokens: Annotated[int, typer.Option("--tokens", min=1, help="Tokens per set (SD/SDXL; "
