@@ -54,7 +54,7 @@ def train(loss: str, path: Path, steps: int | None) -> dict:
     cmd = [sys.executable, "-c", "from latentgeo.cli import main; main()", "align", "--model",
            "bundled", "-o", str(path), "--loss", loss, "--json", "--force"]
     if steps is not None:
-        cmd += ["--steps", str(steps)]
+        cmd += ["--max-iters", str(steps)]
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)

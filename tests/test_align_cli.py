@@ -35,7 +35,7 @@ def token_file(digits_folder, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tok") / "t.safetensors"
     r = CliRunner().invoke(app, ["align", str(digits_folder), "--model", str(tiny_pixel_path()),
-                                 "-o", str(out), "--steps", "2", "--batch-size", "3",
+                                 "-o", str(out), "--max-iters", "2", "--batch-size", "3",
                                  "--lr", "0.05", "--json"])
     assert r.exit_code == 0, r.stderr
     summary = json.loads(r.stdout)
@@ -56,7 +56,7 @@ def test_align_agsm_stores_both_banks(cli, digits_folder, tmp_path):
 
     out = tmp_path / "a.safetensors"
     cli("align", digits_folder, "--model", tiny_pixel_path(), "-o", out, "--loss", "agsm",
-        "--steps", "1", "--batch-size", "3", "--json")
+        "--max-iters", "1", "--batch-size", "3", "--json")
     with safe_open(str(out), framework="pt") as f:
         assert set(f.keys()) == {"tokens", "negative"}
         assert f.metadata()["bank"] == "positive" and f.metadata()["loss"] == "agsm"
@@ -94,7 +94,7 @@ def test_invert_takes_tokens(cli, token_file, tmp_path):
 
 def test_bad_inputs_are_one_line(cli, digits_folder, token_file, tmp_path):
     r = cli("align", digits_folder, "--model", tiny_pixel_path(), "-o", token_file,
-            "--steps", "1", expect=None)
+            "--max-iters", "1", expect=None)
     assert_one_line_error(r, "exists")
     r = cli("align", digits_folder, "--model", tiny_pixel_path(), "-o", tmp_path / "x.pt",
             expect=None)
@@ -118,7 +118,7 @@ def test_bad_inputs_are_one_line(cli, digits_folder, token_file, tmp_path):
 
 def test_default_data_is_the_bundled_digits(cli, tmp_path):
     out = tmp_path / "tokens.safetensors"
-    r = cli("align", "--model", "bundled", "-o", out, "--steps", "1", "--batch-size", "2",
+    r = cli("align", "--model", "bundled", "-o", out, "--max-iters", "1", "--batch-size", "2",
             "--json")
     summary = json.loads(r.stdout)
     assert summary["examples"] == 4500 and summary["parameters"] == 11 * 64

@@ -145,14 +145,14 @@ def test_render_job_for_paths_and_centroids(tmp_path, model):
 
 def test_interpolate_and_centroid_render(cli, tmp_path, seeds_dir, model):
     a, b, c = sorted(seeds_dir.iterdir())
-    r = cli("interpolate", a, b, "-o", tmp_path / "path.pt", "-m", "slerp", "--steps", "4",
-            "--render", tmp_path / "ri", "--model", model, "--render-steps", "2", "--json")
+    r = cli("interpolate", a, b, "-o", tmp_path / "path.pt", "-m", "slerp", "--points", "4",
+            "--render", tmp_path / "ri", "--model", model, "--steps", "2", "--json")
     info = json.loads(r.stdout)["render"]
     assert len(info["images"]) == 4 and info["steps"] == 2
     assert sorted(p.name for p in (tmp_path / "ri").iterdir()) == [
         "path.gif", "step000.png", "step001.png", "step002.png", "step003.png", "strip.png"]
     r = cli("centroid", seeds_dir, "-o", tmp_path / "c.pt", "-m", "cog", "--render",
-            tmp_path / "rc", "--model", model, "--render-steps", "2", "--class", "4")
+            tmp_path / "rc", "--model", model, "--steps", "2", "--class", "4")
     assert "grid.png" in r.stdout or (tmp_path / "rc" / "grid.png").exists()
     assert sorted(p.name for p in (tmp_path / "rc").iterdir()) == sorted(
         ["centroid.png", "grid.png", *(f"{p.stem}.png" for p in (a, b, c))])

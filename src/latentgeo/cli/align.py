@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from latentgeo.cli.common import Device, Dtype, Force, Json, Model, Seed, print_json, print_table
+from latentgeo.cli.common import print_json, print_table
+from latentgeo.cli.options import Device, Dtype, Force, Json, Model, Seed, finite
 
 #: Default training steps: the bundled model's default run (10 classes x 10 conditions per
 #: step) finishes in well under 15 minutes on a quiet 2-core CPU (docs/results/align.md).
@@ -23,12 +24,14 @@ def align(
     model: Model = "bundled",
     loss: Annotated[str, typer.Option("--loss", help="softrepa (contrastive) or agsm "
                                       "(shifted score-matching target).")] = "softrepa",
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps.")]
-    = DEFAULT_STEPS,
+    steps: Annotated[int, typer.Option("--max-iters", min=1, max=10_000_000,
+                                       help="Training iterations (optimiser steps; --steps "
+                                       "means diffusion steps everywhere).")] = DEFAULT_STEPS,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Pairs per step; "
                                             "every image meets every condition of the "
                                             "batch (B x B network rows).")] = 10,
-    lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="AdamW learning rate "
+    lr: Annotated[float | None, typer.Option("--lr", min=0.0, callback=finite,
+                                             help="AdamW learning rate "
                                              "(default 1e-2 for class models, 1e-3 for "
                                              "SD/SDXL).")] = None,
     buckets: Annotated[int, typer.Option("--buckets", min=1, help="Timestep buckets (one "

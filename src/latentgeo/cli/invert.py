@@ -10,17 +10,19 @@ from typing import Annotated, Any
 
 import typer
 
-from latentgeo.cli.common import (
+from latentgeo.cli.common import print_json, print_table, progress_bar
+from latentgeo.cli.options import (
+    BatchSize,
     ClassLabel,
     Device,
     Dtype,
     Force,
+    Format,
     Json,
     Model,
     Prompt,
-    print_json,
-    print_table,
-    progress_bar,
+    Steps,
+    finite,
 )
 from latentgeo.cli.soft_tokens import SoftTokensFile, read_soft_tokens, use_soft_tokens
 from latentgeo.errors import InputError, LatentgeoError, OutputExistsError
@@ -57,15 +59,11 @@ def expand_image_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
-    """File stems, made unique with -2, -3, ... in input order."""
-    seen: dict[str, int] = {}
-    names = []
-    for p in paths:
-        stem = p.stem
-        k = seen.get(stem, 0) + 1
-        seen[stem] = k
-        names.append(stem if k == 1 else f"{stem}-{k}")
-    return names
+    """File stems, made unique by :func:`latentgeo.io.unique_names` (a later input sharing a
+    stem gets the first free -2, -3, ... that no other input is named)."""
+    from latentgeo.io import unique_names
+
+    return unique_names([p.stem for p in paths])
 
 
 def invert(
@@ -78,29 +76,24 @@ def invert(
     model: Model = "bundled",
     prompt: Prompt = None,
     class_label: ClassLabel = None,
-    steps: Annotated[int | None, typer.Option(
-        "--steps", min=1, help="DDIM steps (the grid rendering will use; default: the "
-        "model's).")] = None,
+    steps: Steps = None,
     guidance: Annotated[float, typer.Option(
-        "--guidance", help="Classifier-free guidance during inversion (1 = none, the "
-        "invertible default).")] = 1.0,
+        "--guidance", callback=finite, help="Classifier-free guidance scale during inversion "
+        "(1 = none, the invertible default).")] = 1.0,
     fixed_point: Annotated[int, typer.Option(
         "--fixed-point", min=0, help="Fixed-point iterations per step (0 = plain DDIM "
         "inversion).")] = 3,
     tol: Annotated[float | None, typer.Option(
-        "--tol", min=0.0, help="Stop a sample's iterations once its RMS step residual is "
-        "below this (default 1e-5).")] = None,
+        "--tol", min=0.0, callback=finite, help="Stop a sample's iterations once its RMS "
+        "step residual is below this (default 1e-5).")] = None,
     anderson: Annotated[int, typer.Option(
         "--anderson", min=0, help="Anderson acceleration depth of the fixed-point iteration "
         "(0 = plain iteration).")] = 2,
     check: Annotated[bool, typer.Option(
         "--check", help="Render each seed back and report latent round-trip error and "
         "PSNR.")] = False,
-    fmt: Annotated[str, typer.Option(
-        "--format", help="Seed file format in a directory: safetensors or pt.")]
-    = "safetensors",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1,
-                                            help="Images per network call.")] = 16,
+    fmt: Format = "safetensors",
+    batch_size: BatchSize = 16,
     soft_tokens: SoftTokensFile = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
@@ -125,8 +118,6 @@ def invert(
     from latentgeo.images import load_image
     from latentgeo.io import output_is_dir, save_latent
 
-    if fmt not in ("safetensors", "pt"):
-        raise InputError(f"--format {fmt!r}: choose safetensors or pt")
     paths, problems = expand_image_inputs(images)
     to_dir = output_is_dir(output)
     names = _unique_names(paths)
@@ -194,7 +185,7 @@ def invert(
         written = [save_latent(output, result.seeds, {**meta, "source": sources}, force=force)]
 
     z = norm_z_scores(result.seeds)
-    norms = result.seeds.flatten(1).norm(dim=1)
+    norms = result.seeds.flatten(1).double().norm(dim=1)
     rows = []
     for i, (p, _name, _target, _) in enumerate(good):
         row = {"image": str(p), "seed": str(written[i] if to_dir else f"{written[0]}[{i}]"),

@@ -7,17 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import typer
-
+from latentgeo.cli.options import BatchSize, Render  # noqa: F401  (re-exported)
 from latentgeo.errors import InputError, OutputExistsError
 
-Render = Annotated[Path | None, typer.Option(
-    "--render", help="Also render the latents with --model into this folder (PNGs).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", min=1,
-                                        help="Seeds per network call.")]
+if TYPE_CHECKING:  # torch is imported when a command runs, never for --help
+    import torch
 
 
 def condition_from(backend: Any, prompt: str | None, class_label: int | None) -> Any:
@@ -122,15 +118,11 @@ def render_to(out_dir: str | Path, latents: torch.Tensor, names: Sequence[str],
             **{key: str(p) for key, p in extra.items()},
             "model": backend.name,
             "steps": backend.default_steps if steps is None else int(steps),
-            "guidance": backend.default_guidance if guidance is None else float(guidance),
+            "guidance": backend.effective_guidance(condition, guidance),
             "rendered": images}
 
 
 # -- ``--render`` on interpolate and centroid ------------------------------------------------------
-RenderModel = Annotated[str, typer.Option("--model", help="Model for --render: 'bundled', or a "
-                                          "diffusers pipeline id or local path.")]
-RenderSteps = Annotated[int | None, typer.Option("--render-steps", min=1, help="DDIM steps "
-                                                 "for --render (default: the model's).")]
 
 
 class RenderJob:
@@ -161,6 +153,8 @@ class RenderJob:
                  ) -> dict[str, Any]:
         """Centroid (*shape) and its inputs (N, *shape): centroid.png, one PNG per input and
         grid.png = [centroid | gap | inputs ...] in one row."""
+        import torch
+
         from latentgeo.images import make_grid, save_image, upscale
 
         info = self._run(torch.cat([c[None], x]), ["centroid", *names])

@@ -6,8 +6,10 @@ from typing import Annotated
 
 import typer
 
-from latentgeo.cli.common import Force, Json, Output, Seed, print_json, print_table
+from latentgeo.cli.common import print_json, print_table
+from latentgeo.cli.options import Force, Format, Json, Num, Output, Seed
 from latentgeo.errors import InputError
+from latentgeo.limits import MAX_ELEMENTS
 from latentgeo.presets import LATENT_SHAPES
 
 
@@ -19,6 +21,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
             from None
     if not shape or any(s <= 0 for s in shape):
         raise InputError(f"--shape {text!r}: dimensions must be positive integers")
+    if len(shape) > 8:
+        raise InputError(f"--shape {text!r}: at most 8 dimensions")
     return shape
 
 
@@ -28,15 +32,14 @@ def sample(
     = None,
     like: Annotated[str | None, typer.Option(
         "--like", help=f"Shape preset: {', '.join(LATENT_SHAPES)}.")] = None,
-    n: Annotated[int, typer.Option("-n", "--num", min=1, help="Number of seeds.")] = 1,
+    n: Num = 1,
     seed: Seed = 0,
-    safetensors: Annotated[bool, typer.Option(
-        "--safetensors", help="Write .safetensors files into an output directory.")] = False,
+    fmt: Format = "safetensors",
     force: Force = False,
     json: Json = False,
 ) -> None:
     """Draw reproducible N(0, I) seeds and write them to a file or a directory."""
-    from latentgeo.io import output_is_dir, save_latent, save_latent_set
+    from latentgeo.io import all_or_nothing, output_is_dir, save_latent, save_latent_set
     from latentgeo.sampling import sample_seeds
 
     if (shape is None) == (like is None):
@@ -45,15 +48,22 @@ def sample(
         raise InputError(f"--like {like!r}: unknown preset (choose from "
                          f"{', '.join(LATENT_SHAPES)})")
     dims = LATENT_SHAPES[like] if like is not None else parse_shape(shape)
+    size = n
+    for s in dims:
+        size *= s
+    if size > MAX_ELEMENTS:
+        raise InputError(f"-n {n} seeds of shape {','.join(map(str, dims))} would be {size:,} "
+                         f"numbers; one run draws at most {MAX_ELEMENTS:,}")
     z = sample_seeds(n, dims, seed=seed)
     meta = {"method": "sample", "seed": str(seed), "shape": ",".join(map(str, dims))}
     if output_is_dir(output):
         names = [f"seed{seed}_{i:03d}" for i in range(n)]
-        written = save_latent_set(output, z, names, metadata=meta, force=force,
-                                  suffix=".safetensors" if safetensors else ".pt")
+        with all_or_nothing():
+            written = save_latent_set(output, z, names, metadata=meta, force=force,
+                                      suffix=f".{fmt}")
     else:
         written = [save_latent(output, z[0] if n == 1 else z, meta, force=force)]
-    norms = z.flatten(1).norm(dim=1)
+    norms = z.flatten(1).double().norm(dim=1)
     if json:
         print_json({"shape": list(dims), "n": n, "seed": seed, "files": [str(p) for p in written],
                     "norms": norms.tolist()})

@@ -5,13 +5,11 @@ trained for other weights are refused with one line)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
+from latentgeo.cli.options import SoftTokensFile
 
-SoftTokensFile = Annotated[Path | None, typer.Option(
-    "--soft-tokens", help="Soft tokens trained by `latentgeo align` for this model "
-    "(.safetensors); applied to every network call, both guidance branches.")]
+__all__ = ["SoftTokensFile", "read_soft_tokens", "use_soft_tokens"]
 
 
 def read_soft_tokens(path: Path | None) -> Any:
