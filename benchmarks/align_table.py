@@ -135,6 +135,9 @@ def paired_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-class", type=int, default=100)
+    ap.add_argument("--token-per-class", type=int, default=None,
+                    help="render token rows on the first K seeds of every class only "
+                         "(a nested subset of the no-token rows; default: all)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--train-steps", type=int, default=None,
                     help="override the CLI default (smoke runs only)")
@@ -170,11 +173,17 @@ def main(argv: list[str] | None = None) -> None:
     n = 10 * args.per_class
     seeds = torch.randn((n, *backend.latent_shape), generator=torch.Generator().manual_seed(SEED))
     labels = torch.arange(10).repeat_interleave(args.per_class)
+    k = args.per_class if args.token_per_class is None else min(args.token_per_class,
+                                                                 args.per_class)
+    #: token rows: the first k seeds of every class block (nested in the no-token rows)
+    sub = (torch.arange(10)[:, None] * args.per_class + torch.arange(k)[None]).reshape(-1)
 
     def token_file(cfg: str) -> Path:
         return args.tokens_dir / f"{cfg}.safetensors"
 
     def cached(cfg: str, g: object) -> Path:
+        if cfg != "none" and g != "uncond" and k != args.per_class:
+            return args.cache / f"{tag}-k{k}-{cfg}-g{g:g}"
         return args.cache / (f"{tag}-{cfg}-g{g:g}" if g != "uncond" else f"{tag}-{cfg}-uncond")
 
     def measure(key: str) -> None:
@@ -182,8 +191,9 @@ def main(argv: list[str] | None = None) -> None:
         attach(backend, None if cfg == "none" else load_tokens(token_file(cfg)), cfg)
         if kind in ("g1", "g2"):
             g = float(kind[1:])
-            log(f"{cfg} guidance {g:g}: rendering {n} digits, {args.steps} steps")
-            row(backend, judge, seeds, labels, g, args.steps, cached(cfg, g))
+            idx = sub if cfg != "none" else torch.arange(n)
+            log(f"{cfg} guidance {g:g}: rendering {len(idx)} digits, {args.steps} steps")
+            row(backend, judge, seeds[idx], labels[idx], g, args.steps, cached(cfg, g))
             return
         log(f"{cfg}: unconditional")
         if cfg == "none":
@@ -221,31 +231,40 @@ def main(argv: list[str] | None = None) -> None:
             elif g == "uncond" and flag.exists() and ("none", "uncond") in results:
                 results[(cfg, g)] = {**results[("none", "uncond")], "identical": True}
     y = labels.numpy()
+    sub_np = sub.numpy()
+
+    subset_note = ("" if k == args.per_class else
+                   f" Token rows use the first {k} seeds of every class (a nested subset of "
+                   f"the no-token rows, {10 * k} renders); FD and KID of every row are "
+                   f"computed on that common subset, and the paired differences below too.")
     lines = ["# Soft tokens on the bundled model", "",
-             f"{args.per_class} seeds per class (the same {n} seeds in every row), "
+             f"{args.per_class} seeds per class ({n} seeds, the same in every row), "
              f"{args.steps} DDIM steps; judge B classifies (conditional accuracy, 95% Wilson "
              "interval; mean top-class confidence); FD and KID between judge-B features of the "
              "renders and of the 500 held-out digits (95% basic bootstrap intervals, "
              f"{args.boot} resamples; KID on judge-B features, so its scale is this "
-             "table's). NFE = network evaluations per step.", "",
-             "| tokens | guidance | NFE/step | accuracy % [95%] | confidence | FD [95%] | "
-             "KID [95%] | render s |", "|---|---|---|---|---|---|---|---|"]
+             "table's). NFE = network evaluations per step." + subset_note, "",
+             "| tokens | guidance | NFE/step | n | accuracy % [95%] | confidence | FD [95%] | "
+             "KID [95%] | render s |", "|---|---|---|---|---|---|---|---|---|"]
     summary: dict = {}
     for cfg in CONFIGS:
         for g in (1.0, 2.0):
             if (cfg, g) not in results:
-                lines.append(f"| {cfg} | {g:g} | {1 if g == 1 else 2} | not measured (time) "
+                lines.append(f"| {cfg} | {g:g} | {1 if g == 1 else 2} | | not measured (time) "
                              "| | | | |")
                 continue
             r = results[(cfg, g)]
-            hits = r["pred"] == y
-            lo, hi = wilson_interval(int(hits.sum()), n)
-            real_stats = realism(r["feats"], real, args.boot, 0)
+            rows_y = y if len(r["pred"]) == n else y[sub_np]
+            hits = r["pred"] == rows_y
+            lo, hi = wilson_interval(int(hits.sum()), len(hits))
+            feats = r["feats"][sub_np] if len(r["feats"]) == n and k != args.per_class \
+                else r["feats"]
+            real_stats = realism(feats, real, args.boot, 0)
             conf = mean_ci(r["conf"], args.boot, 1)
             summary[f"{cfg}-g{g:g}"] = {"accuracy": float(hits.mean()), "ci": [lo, hi],
                                          "confidence": conf, **real_stats}
             lines.append(
-                f"| {cfg} | {g:g} | {1 if g == 1 else 2} | {100 * hits.mean():.1f} "
+                f"| {cfg} | {g:g} | {1 if g == 1 else 2} | {len(hits)} | {100 * hits.mean():.1f} "
                 f"[{100 * lo:.1f}, {100 * hi:.1f}] | {conf[0]:.3f} | {real_stats['fd']:.2f} "
                 f"[{real_stats['fd_ci'][0]:.2f}, {real_stats['fd_ci'][1]:.2f}] | "
                 f"{real_stats['kid']:.3g} [{real_stats['kid_ci'][0]:.3g}, "
@@ -268,16 +287,17 @@ def main(argv: list[str] | None = None) -> None:
                      f"{'yes' if same else 'no'} |")
     lines += ["", "## Hypothesis: tokens at guidance 1 match no tokens at guidance 2", "",
               "Paired on the same seeds: accuracy(tokens, g = 1) - accuracy(none, g = 2), "
-              "points, 95% interval; the target is a lower bound >= -1 point at half the "
-              "network evaluations.", "", "| tokens | difference [95%] | target met | "
-              "vs none at g = 1 [95%] |", "|---|---|---|---|"]
+              f"points, 95% interval, n = {len(sub_np)}; the target is a lower bound >= -1 "
+              "point at half the network evaluations.", "",
+              "| tokens | difference [95%] | target met | vs none at g = 1 [95%] |",
+              "|---|---|---|---|"]
     for cfg in ("softrepa", "agsm"):
         if not {(cfg, 1.0), ("none", 1.0), ("none", 2.0)} <= set(results):
             lines.append(f"| {cfg} | not measured (time) | | |")
             continue
-        ref2 = results[("none", 2.0)]["pred"] == y
-        ref1 = results[("none", 1.0)]["pred"] == y
-        hits = results[(cfg, 1.0)]["pred"] == y
+        ref2 = (results[("none", 2.0)]["pred"] == y)[sub_np]
+        ref1 = (results[("none", 1.0)]["pred"] == y)[sub_np]
+        hits = results[(cfg, 1.0)]["pred"] == y[sub_np]
         d, lo, hi = paired_diff(hits, ref2)
         d1, lo1, hi1 = paired_diff(hits, ref1)
         summary[f"{cfg}-vs-none-g2"] = [d, lo, hi]
