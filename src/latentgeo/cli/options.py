@@ -46,6 +46,7 @@ Flag meanings
 ``--offload``          keep the networks on the CPU, each moved to --device only while it runs
 ``--shard``            I/N: shard I of N of the sorted inputs (job arrays; composes with torchrun)
 ``--render``           also render the latents into this folder (PNGs)
+``--soft-tokens``      a token file from ``latentgeo align`` applied to every network call
 ``--alpha``            family-wise false-alarm rate of the Gaussianity verdict
 ``--json``             results as JSON on stdout (strict JSON: no NaN or Infinity)
 ``--force``            replace existing outputs
@@ -141,6 +142,9 @@ Offload = Annotated[bool, typer.Option(
     "runs (diffusers' model CPU offload, for large models on small GPUs; needs a GPU).")]
 Render = Annotated[Path | None, typer.Option(
     "--render", help="Also render the latents with --model into this folder (PNGs).")]
+SoftTokensFile = Annotated[Path | None, typer.Option(
+    "--soft-tokens", help="Soft tokens trained by `latentgeo align` for this model "
+    "(.safetensors); applied to every network call, both guidance branches.")]
 
 # -- statistics -----------------------------------------------------------------------------------
 Alpha = Annotated[float, typer.Option("--alpha", min=1e-12, max=0.5, callback=finite,

@@ -26,6 +26,7 @@ from latentgeo.cli.options import (
     Steps,
     Width,
 )
+from latentgeo.cli.soft_tokens import SoftTokensFile, read_soft_tokens, use_soft_tokens
 from latentgeo.errors import InputError
 
 
@@ -83,6 +84,7 @@ def render(
                                        "images.")] = False,
     batch_size: BatchSize = 16,
     shard: Shard = None,
+    soft_tokens: SoftTokensFile = None,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -108,7 +110,9 @@ def render(
 
     launch, my_shard, my_device = this_process(shard, device)
     paths = expand_latent_paths(seeds)  # missing seed files fail before the model loads
+    tokens = read_soft_tokens(soft_tokens)
     backend = load_model(model, my_device, dtype, height=height, width=width, offload=offload)
+    use_soft_tokens(backend, tokens, soft_tokens)
     condition = condition_from(backend, prompt, class_label)
     result, header = render_job(backend, paths, out, condition=condition, steps=steps,
                                 guidance=guidance, batch_size=batch_size, grid=grid,
