@@ -184,7 +184,7 @@ def test_plan_skips_matching_refuses_different_and_force_redoes(tmp_path):
     before = {q.name: q.stat().st_mtime_ns for q in tmp_path.iterdir()}
     other = lambda it: jobs.Provenance(str(it.ref), {"steps": 7}, "m")  # noqa: E731
     with pytest.raises(OutputExistsError, match=r"k0\.png: exists from a different run "
-                       r"\(steps 5 -> 7\) \(and 1 more\); use --force"):
+                       r"\(steps 5 -> 7\) \(and 1 more\); force=True redoes it"):
         jobs.plan(items, target, other)
     assert {q.name: q.stat().st_mtime_ns for q in tmp_path.iterdir()} == before
     assert len(jobs.plan(items, target, other, force=True).todo) == 4
