@@ -6,6 +6,7 @@ FLUX seed file holds (16, H/8, W/8) like SD3's (:mod:`latentgeo.diffusion.backen
 
 LATENT_SHAPES: dict[str, tuple[int, ...]] = {
     "bundled": (1, 32, 32),
+    "bundled-flow": (1, 32, 32),
     "sd15": (4, 64, 64),
     "sd2": (4, 96, 96),
     "sdxl": (4, 128, 128),

@@ -33,7 +33,8 @@ Output = Annotated[Path, typer.Option("--output", "-o", help="Output file (.pt/.
 Force = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
 Json = Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (torch.Generator).")]
-Model = Annotated[str, typer.Option("--model", help="'bundled', or any diffusers pipeline id "
+Model = Annotated[str, typer.Option("--model", help="'bundled' (DDPM), 'bundled-flow' "
+                                    "(rectified flow), or any diffusers pipeline id "
                                     "or local path (weights must be cached; no downloads).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Pipeline dtype: float32, float16, "

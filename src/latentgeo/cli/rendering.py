@@ -127,8 +127,9 @@ def render_to(out_dir: str | Path, latents: torch.Tensor, names: Sequence[str],
 
 
 # -- ``--render`` on interpolate and centroid ------------------------------------------------------
-RenderModel = Annotated[str, typer.Option("--model", help="Model for --render: 'bundled', or a "
-                                          "diffusers pipeline id or local path.")]
+RenderModel = Annotated[str, typer.Option("--model", help="Model for --render: 'bundled', "
+                                          "'bundled-flow', or a diffusers pipeline id or "
+                                          "local path.")]
 RenderSteps = Annotated[int | None, typer.Option("--render-steps", min=1, help="DDIM steps "
                                                  "for --render (default: the model's).")]
 
