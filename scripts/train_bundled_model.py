@@ -52,6 +52,22 @@ conditional). Widening the 32x32 level instead ((32, 64, 64)) costs 2.3x per ste
 Use ``--workers 2`` on a 2-core machine (two 1-thread processes, gloo all-reduce): one
 process with 2 OpenMP threads was measured 8x slower per step under contention.
 
+Flow model (``--objective flow``; the shipped ``bundled/digits-flow``, model card
+``docs/models/bundled-flow.md``): rectified flow, x_s = (1 - s) x0 + s eps, MSE to the velocity
+eps - x0; s uniform over the 1000 training sigmas of diffusers' default
+``FlowMatchEulerDiscreteScheduler`` (1.0, 0.999, ..., 0.001; as diffusers' SD3 training scripts
+with ``weighting_scheme="none"``), the network fed timestep 1000 s as that scheduler does when
+sampling. The output folder is ``unet/`` + ``scheduler/`` (that scheduler) + ``latentgeo.json``
+with ``"prediction_type": "flow"``. ``--init-from bundled`` starts the network and its EMA from
+the shipped DDPM's weights (same architecture, class embedding and null class included) to save
+CPU time; everything else as above. The shipped flow model::
+
+    python scripts/train_bundled_model.py --objective flow --init-from bundled --steps 3000 \
+        --lr 1e-3 --warmup 100 --workers 1 --checkpoint-every 500 --out out/flow-train
+
+stopped after its step-2000 checkpoint (3,008 s on the 2-core machine shared with ~5 other
+jobs), weights then converted to float16.
+
 Usage::
 
     python scripts/train_bundled_model.py --out src/latentgeo/bundled/digits
