@@ -10,6 +10,11 @@ method, the reference's time and iteration count, their ratio, and the yardstick
 * interpolation: true NAO length (fine quadrature) of a 50-point polyline of each path (ours
   sampled at equal Euclidean arc length along the exact geodesic, the reference's own 50
   points), plus the exact geodesic length D;
+* frame spacing (same run): the true NAO length of the 9 frames' polyline, divided by D, for
+  each spacing of the exact geodesic (``spacings.SPACINGS``; ``euclidean`` is the default,
+  ``nao`` the old equal-NAO-arc default), for the paper's optimiser (the 9 points
+  ``nao-reference`` returns, at equal NAO length of its polyline, and its own 50 points) and
+  for the straight line (lerp);
 * centroids: the paper's objective sum_i D(c, x_i) - log p(|c|) of each centroid (--power 2:
   the Frechet objective), with D from the exact solver, the exact centroid's Newton iteration
   count and its relative gradient (fresh fine-grid solves).
@@ -40,6 +45,7 @@ import torch
 
 from latentgeo import centroids, chi, interpolation
 from latentgeo.metric import NAOMetric
+from latentgeo.spacings import DEFAULT_SPACING, SPACINGS
 
 
 def _timed(fn, repeats):
@@ -83,13 +89,23 @@ def bench_interpolation(dims, cases, ref_iters, repeats):
                                                 callback=lambda i, v, it=iters: it.append(i))
             ref_wall = time.perf_counter() - w0
             n_it = len(iters)
+            D = float(metric.dist(a, b))
             rows.append({
                 "d": d, "case": case, "exact_ms": 1e3 * wall, "exact_cpu_ms": 1e3 * cpu,
                 "ref_s": ref_wall, "ref_iters": n_it,
                 "ratio": ("≥" if n_it >= ref_iters else "") + f"{ref_wall / wall:,.0f}x",
-                "D": float(metric.dist(a, b)), "L_exact50": float(metric.length(ours50)),
+                "D": D, "L_exact50": float(metric.length(ours50)),
                 "L_ref50": float(metric.length(ref50)),
             })
+            # frame spacing: true NAO length of each 9-frame polyline / D
+            for name in SPACINGS:
+                rows[-1][name] = float(metric.length(interpolation.nao(a, b, t9, spacing=name))) / D
+            ref9 = interpolation.resample_polyline(ref50, t9.double(), metric)
+            rows[-1]["ref9"] = float(metric.length(ref9)) / D
+            rows[-1]["lerp"] = float(metric.length(interpolation.lerp(a, b, t9))) / D
+            rows[-1]["ref9/default"] = f"{rows[-1]['ref9'] / rows[-1][DEFAULT_SPACING]:.2f}x"
+            rows[-1]["ours50/D"] = rows[-1]["L_exact50"] / D
+            rows[-1]["ref50/D"] = rows[-1]["L_ref50"] / D
             print(rows[-1], flush=True)
     return rows
 
@@ -173,6 +189,12 @@ def main():
         _table("NAO interpolation, 9 points: exact (planar solver) vs nao-reference (Adam)",
                ["d", "case", "exact_ms", "exact_cpu_ms", "ref_s", "ref_iters", "ratio", "D",
                 "L_exact50", "L_ref50"], rows)
+        _table("NAO frame spacing, 9 frames: true NAO length of the frames' polyline / geodesic "
+               f"distance D (exact geodesic with each spacing, default {DEFAULT_SPACING!r}; "
+               "ref9: the 9 frames the paper's optimiser returns; lerp: the straight line); "
+               "ref9/default: their ratio; 50 points: ours (euclidean) and the optimiser's own",
+               ["d", "case", "D", *SPACINGS, "ref9", "lerp", "ref9/default", "ours50/D",
+                "ref50/D"], rows)
     if not args.skip_centroids:
         ns = [int(v) for v in args.ns.split(",")]
         cdims = [1024, 16384] if args.quick and not args.dims else dims

@@ -27,11 +27,14 @@ def cli() -> Cli:
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
-    """Exit 2, exactly one line on stderr starting with 'error:', no traceback."""
+    """Exit 2, exactly one line on stderr starting with 'error:' (a usage error may add one
+    'Usage:' hint line after it), no traceback, no blank line."""
     assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert 1 <= len(lines) <= 2 and all(ln.strip() for ln in lines), result.stderr
     assert lines[0].startswith("error: "), lines[0]
+    if len(lines) == 2:
+        assert lines[1].startswith("Usage: "), lines[1]
     assert "Traceback" not in result.stderr + result.stdout
     for f in fragments:
         assert f in lines[0], (f, lines[0])

@@ -212,9 +212,9 @@ def test_cli_interpolate_and_centroid_render(name, cli, tmp_path):
     a, b = seeds(shape, n=2, seed=7)
     save_latent(tmp_path / "a.pt", a)
     save_latent(tmp_path / "b.pt", b)
-    model = ["--model", tiny_family_path(name), "--prompt", "the dog", "--render-steps", "1"]
+    model = ["--model", tiny_family_path(name), "--prompt", "the dog", "--steps", "1"]
     cli("interpolate", tmp_path / "a.pt", tmp_path / "b.pt", "-o", tmp_path / "path.pt",
-        "--method", "slerp", "--steps", "3", "--render", tmp_path / "ri", *model)
+        "--method", "slerp", "--points", "3", "--render", tmp_path / "ri", *model)
     for f in ("step000.png", "step002.png", "strip.png", "path.gif"):
         assert (tmp_path / "ri" / f).is_file(), f
     r = cli("centroid", tmp_path / "a.pt", tmp_path / "b.pt", "-o", tmp_path / "c.pt",

@@ -69,7 +69,7 @@ def test_geodesic_in_plane_endpoints_and_spacing(d, sa, sb):
     x, y = _pair(d, 1, sa, sb)
     m = NAOMetric(d)
     t = torch.linspace(0, 1, 9, dtype=torch.float64)
-    p = m.geodesic(x, y, t)
+    p = m.geodesic(x, y, t, spacing="nao")
     assert p.shape == (9, d) and p.dtype == torch.float64
     assert torch.equal(p[0], x) and torch.equal(p[-1], y)
     # the path lies in span{x, y}

@@ -25,6 +25,7 @@ Conversion rule of :func:`load_image` (what a model of ``size`` x ``channels`` r
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -83,19 +84,31 @@ def load_image(path: str | os.PathLike, size: int | tuple[int, int], channels: i
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected an image file")
     try:
-        with Image.open(path) as pil:
-            pil.load()
-            pil = pil.copy()
+        with warnings.catch_warnings():
+            # a decompression bomb (more pixels than Pillow's MAX_IMAGE_PIXELS) is refused,
+            # not announced in a multi-line warning
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as pil:
+                pil.load()
+                pil = pil.copy()
     except UnidentifiedImageError:
         raise InputError(f"{path}: not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{path}: image has more than {Image.MAX_IMAGE_PIXELS:,} pixels "
+                         "(Pillow's limit against decompression bombs)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{path}: corrupt or truncated image ({_one_line(e)})") from None
     if min(pil.size) < min_side:
         raise InputError(f"{path}: image is {pil.size[0]}x{pil.size[1]} pixels, smaller than "
                          f"the minimum {min_side}x{min_side}")
     if background is None:
         background = 0.0 if channels == 1 else 1.0
+    raw = np.asarray(pil) if pil.mode == "F" else None  # float pixels: check before clipping
     a = _to_float_array(pil, channels, background)          # (H0, W0, C) float32
+    bad = int((~np.isfinite(raw if raw is not None else a)).sum())
+    if bad:
+        raise InputError(f"{path}: image has {bad} pixel value(s) that are not numbers (NaN or "
+                         "infinite)")
     a = _center_crop(a, h / w)
     return _resize(a, h, w)
 

@@ -50,6 +50,7 @@ from latentgeo import chi
 from latentgeo.errors import InputError, ShapeError
 from latentgeo.numerics import eps as dtype_eps
 from latentgeo.numerics import geometry_dtype
+from latentgeo.spacings import DEFAULT_SPACING, SPACINGS
 
 #: Angles below this (radians) are treated as 0: the geodesic is the radial segment.
 THETA_MIN = 1e-9
@@ -510,12 +511,21 @@ def solve_planar(ra, rb, theta, d: int, n_grid: int = N_GRID, tol: float = 1e-10
 
 
 def _locate(sol: PlanarSolution, b: int, frac: np.ndarray, spacing: str):
-    """Points of path ``b`` at arc-length fractions ``frac``: returns (r, phi) float64 arrays.
+    """Points of path ``b`` at fractions ``frac`` of its length in the ``spacing``'s yardstick
+    (``spacings.SPACINGS``); returns (r, phi) float64 arrays.
 
-    ``spacing='nao'``: fractions of NAO length; ``'euclidean'``: of Euclidean length.
+    On a planar path (grid segments straight in (phi, delta), delta = log(r / r0)), segment k
+    of (phi, delta)-length ell_k has cost  ell_k int_0^1 m(delta_k + s du_k) ds  with density
+    m = W~ (``'nao'``: NAO length / r0) or m = e^delta (``'euclidean'``: Euclidean length / r0,
+    since ds = r sqrt(du^2 + dphi^2)); ``'angle'`` costs dphi_k. Within a segment the fraction
+    is found by Newton on the Gauss-Legendre integral. Radial paths (theta ~ 0, or the two legs
+    through the origin), where the angle does not move, use Euclidean length for ``'angle'``.
     """
     s = sol.shell
     frac = np.clip(np.asarray(frac, np.float64), 0.0, 1.0)
+    planar = sol.kind[b] == 0
+    if spacing == "angle" and not planar:
+        spacing = "euclidean"
     if sol.kind[b] == 2:
         Fa = radial_antiderivative(sol.ra[b], s.d)
         Fb = radial_antiderivative(sol.rb[b], s.d)
@@ -529,22 +539,28 @@ def _locate(sol: PlanarSolution, b: int, frac: np.ndarray, spacing: str):
         return r, np.where(inbound, 0.0, theta)
     D, phi = sol.delta[b], sol.phi[b]
     dphi, du = np.diff(phi), np.diff(D)
-    ell = np.sqrt(dphi**2 + du**2)
+    if spacing == "angle":
+        size = dphi
 
-    def weight(x):
-        return _w_terms(x, s)[0] if spacing == "nao" else np.exp(x)
+        def density(x):
+            return np.ones_like(x)
+    else:
+        size = np.sqrt(dphi**2 + du**2)
 
-    seg = ell * (weight(D[:-1, None] + _GS * du[:, None]) @ _GW)
+        def density(x):
+            return _w_terms(x, s)[0] if spacing == "nao" else np.exp(x)
+
+    seg = size * (density(D[:-1, None] + _GS * du[:, None]) @ _GW)
     cum = np.concatenate([[0.0], np.cumsum(seg)])
     target = frac * cum[-1]
     k = np.clip(np.searchsorted(cum, target, side="right") - 1, 0, len(seg) - 1)
     rem = target - cum[k]
     x = np.where(seg[k] > 0, rem / np.where(seg[k] > 0, seg[k], 1.0), 0.0)
     nodes = np.append(_GS, 1.0)
-    for _ in range(8):  # Newton on  ell_k * int_0^x weight(D_k + sigma du_k) dsigma = rem
-        wv = weight(D[k, None] + (x[:, None] * nodes) * du[k, None])
-        val = ell[k] * x * (wv[:, :-1] @ _GW)
-        step = (val - rem) / np.maximum(ell[k] * wv[:, -1], 1e-300)
+    for _ in range(8):  # Newton on  size_k * int_0^x density(D_k + sigma du_k) dsigma = rem
+        wv = density(D[k, None] + (x[:, None] * nodes) * du[k, None])
+        val = size[k] * x * (wv[:, :-1] @ _GW)
+        step = (val - rem) / np.maximum(size[k] * wv[:, -1], 1e-300)
         x = np.clip(x - step, 0.0, 1.0)
         if np.abs(step).max() < 1e-14:
             break
@@ -709,18 +725,21 @@ class NAOMetric:
         return _locate(sol, 0, t, spacing)
 
     # -- paths --------------------------------------------------------------------------------
-    def geodesic(self, x: torch.Tensor, y: torch.Tensor, t, spacing: str = "nao"
+    def geodesic(self, x: torch.Tensor, y: torch.Tensor, t, spacing: str = DEFAULT_SPACING
                  ) -> torch.Tensor:
         """Points of the NAO geodesic from x to y at fractions t of its length.
 
         x, y: same shape, any float dtype; t: sequence or 1-d tensor in [0, 1].
-        spacing: 'nao' (equal NAO arc length, default) or 'euclidean' (equal Euclidean arc
-        length along the same curve, like the paper's near-uniform discretisation).
+        spacing (``spacings.SPACINGS``): the yardstick for "fraction of its length" along the
+        same exact curve: 'euclidean' (equal Euclidean arc length, default: frames spread along
+        the content change, like the paper's near-uniform discretisation), 'nao' (equal NAO
+        arc length: off the chi shell nearly every frame sits on the radial legs next to an
+        endpoint), 'angle' (equal steps of the angle from x).
         Returns (len(t), *x.shape) in the geometry dtype; t = 0 and t = 1 give x and y exactly.
         Differentiable in x and y.
         """
-        if spacing not in ("nao", "euclidean"):
-            raise InputError(f"spacing {spacing!r}: choose 'nao' or 'euclidean'")
+        if spacing not in SPACINGS:
+            raise InputError(f"spacing {spacing!r}: choose from {', '.join(SPACINGS)}")
         if x.shape != y.shape:
             raise ShapeError(f"endpoints differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
         xn, yn = self._check(x, "a"), self._check(y, "b")

@@ -1,7 +1,9 @@
 """The ``latentgeo`` command line: a thin Typer layer over the Python API.
 
-Each subcommand lives in its own module and is registered in ``COMMANDS`` below. Command modules
-import heavy libraries (diffusers, matplotlib) inside their functions so ``--help`` stays fast.
+Each subcommand lives in its own module and is registered in ``COMMANDS`` below; its options
+come from :mod:`latentgeo.cli.options` (read its header before adding a command). Command modules
+import torch and every heavy library inside their functions, so ``--help`` and usage errors never
+import torch (tested in ``tests/test_processes.py``).
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from typing import Annotated
 import typer
 
 from latentgeo import __version__
-from latentgeo.cli.common import guard
+from latentgeo.cli.common import LatentgeoGroup, guard
 
 app = typer.Typer(
     name="latentgeo",
+    cls=LatentgeoGroup,
     help="Geometry of diffusion-model latent seeds: interpolate, centroid, invert, reproject.",
     no_args_is_help=True,
     add_completion=False,
@@ -33,6 +36,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("centroid", "centroid", "centroid"),
     ("stats", "stats", "stats"),
     ("reproject", "reproject", "reproject"),
+    ("optimize", "optimize", "optimize"),
+    ("manifest", "manifest", "manifest"),
+    ("align", "align", "align"),
 ]
 
 for _name, _module, _func in COMMANDS:

@@ -8,7 +8,19 @@ from typing import Annotated, Any
 
 import typer
 
-from latentgeo.cli.common import Device, Dtype, Force, Json, Model, Seed, print_json, print_table
+from latentgeo.cli.common import print_json, print_table
+from latentgeo.cli.options import (
+    MAX_STEPS,
+    Device,
+    Dtype,
+    Force,
+    Height,
+    Json,
+    Model,
+    Offload,
+    Seed,
+    Width,
+)
 from latentgeo.errors import InputError
 
 #: Iteration cap for the papers' optimisers with --reference (their default is 10,000).
@@ -22,16 +34,20 @@ def demo(
     = Path("demo-output"),
     model: Model = "bundled",
     seed: Seed = 0,
-    points: Annotated[int, typer.Option("--points", min=3, max=16,
-                                        help="Points per interpolation path.")] = 7,
+    points: Annotated[int, typer.Option("--points", min=3, max=16, help="Points on each "
+                                        "interpolation path, endpoints included.")] = 7,
     inputs: Annotated[int, typer.Option("--inputs", min=2, max=16,
                                         help="Seeds averaged by each centroid method.")] = 4,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="DDIM steps.")] = DEMO_STEPS,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=MAX_STEPS,
+                                       help="Diffusion (DDIM) steps.")] = DEMO_STEPS,
     reference: Annotated[bool, typer.Option(
         "--reference", help="Also run the papers' optimisers (nao-reference), capped at "
         f"{REFERENCE_ITERS} iterations (slow: tens of seconds).")] = False,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    height: Height = None,
+    width: Width = None,
+    offload: Offload = False,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -65,7 +81,7 @@ def demo(
     targets += [out / f"interpolation-{m}.gif" for m in interpolators]
     check_targets(targets, force)
 
-    backend = load_model(model, device, dtype)
+    backend = load_model(model, device, dtype, height=height, width=width, offload=offload)
     shape = backend.latent_shape
     d = int(torch.Size(shape).numel())
     mode = chi.mode(d)
@@ -107,31 +123,34 @@ def demo(
     img_a, img_b = images[0], images[1]
     k = view_scale(backend)
     cell = backend.image_size[0] * k
+    from latentgeo.io import all_or_nothing
+
     written: list[Path] = []
-    pos = 2
-    strips = []
-    for name in paths:
-        inner = images[pos:pos + points - 2]
-        pos += points - 2
-        strip = torch.cat([img_a[None], inner, img_b[None]])
-        strips.append(strip)
-        written.append(save_gif(out / f"interpolation-{name}.gif", upscale(strip, k),
-                                force=force))
-    if strips:
-        grid = make_grid(upscale(torch.cat(strips), k), nrow=points)
-        written.append(save_image(out / "interpolation.png",
-                                  label_rows(grid, list(paths), cell), force=force))
-    input_imgs = images[pos:pos + inputs]
-    pos += inputs
-    cent_imgs = images[pos:]
-    blank = torch.full_like(input_imgs[0], 0.5)
-    cells = list(input_imgs)
-    for img in cent_imgs:  # one row per method: its centroid, then blank cells
-        cells += [img] + [blank] * (inputs - 1)
-    labels = ["inputs", *(f"{name} centroid" for name in cents)]
-    grid = make_grid(upscale(torch.stack(cells), k), nrow=inputs)
-    written.append(save_image(out / "centroids.png", label_rows(grid, labels, cell),
-                              force=force))
+    with all_or_nothing():  # the demo's files appear together or not at all
+        pos = 2
+        strips = []
+        for name in paths:
+            inner = images[pos:pos + points - 2]
+            pos += points - 2
+            strip = torch.cat([img_a[None], inner, img_b[None]])
+            strips.append(strip)
+            written.append(save_gif(out / f"interpolation-{name}.gif", upscale(strip, k),
+                                    force=force))
+        if strips:
+            grid = make_grid(upscale(torch.cat(strips), k), nrow=points)
+            written.append(save_image(out / "interpolation.png",
+                                      label_rows(grid, list(paths), cell), force=force))
+        input_imgs = images[pos:pos + inputs]
+        pos += inputs
+        cent_imgs = images[pos:]
+        blank = torch.full_like(input_imgs[0], 0.5)
+        cells = list(input_imgs)
+        for img in cent_imgs:  # one row per method: its centroid, then blank cells
+            cells += [img] + [blank] * (inputs - 1)
+        labels = ["inputs", *(f"{name} centroid" for name in cents)]
+        grid = make_grid(upscale(torch.stack(cells), k), nrow=inputs)
+        written.append(save_image(out / "centroids.png", label_rows(grid, labels, cell),
+                                  force=force))
 
     if json:
         print_json({"model": backend.name, "latent_shape": list(shape), "chi_mode": mode,

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from latentgeo.cli.common import Force, Json, Output, print_json, print_table, progress_bar
+from latentgeo.cli.common import print_json, print_table, progress_bar
+from latentgeo.cli.options import (
+    Alpha,
+    Force,
+    Json,
+    Output,
+    ReprojectionMethod,
+    finite,
+    method_option,
+)
 from latentgeo.errors import InputError
 
 Files = Annotated[list[Path], typer.Argument(help="Latent files (.pt/.safetensors) or "
@@ -17,47 +26,68 @@ Files = Annotated[list[Path], typer.Argument(help="Latent files (.pt/.safetensor
 def reproject(
     files: Files,
     output: Output,
-    method: Annotated[str, typer.Option(
-        "--method", help="fast (closed form), or a regulariser: moment+spectral, moment, "
-        "spectral, kl, kurtosis, norm, covariance.")] = "fast",
+    method: Annotated[ReprojectionMethod, method_option(
+        "reprojection method: fast (closed form) or a regulariser")] = "fast",
     strength: Annotated[float, typer.Option(
-        "--strength", help="Regulariser weight s in |z'-z|^2/d + s R(z').")] = 1.0,
-    max_steps: Annotated[int, typer.Option("--max-steps", min=0, help="Optimiser steps "
-                                           "(fast: iterations) at most.")] = 500,
-    alpha: Annotated[float, typer.Option("--alpha", min=1e-12, max=0.5,
-                                         help="Stop when stats pass at this level.")] = 0.01,
+        "--strength", min=0.0, callback=finite,
+        help="Regulariser weight s in |z'-z|^2/d + s R(z').")] = 1.0,
+    max_iters: Annotated[int, typer.Option(
+        "--max-iters", min=0, max=10_000_000,
+        help="Iteration cap of the optimiser (fast: of its iterations).")] = 500,
+    alpha: Alpha = 0.01,
     force: Force = False,
     json: Json = False,
 ) -> None:
     """Reproject each latent to one that passes `stats`, moving it as little as possible.
 
-    Writes one file per input into the output directory (same name), with provenance metadata.
+    Writes one file per input into the output directory, named after it (a repeated name gets
+    -2, -3, ...), with provenance metadata. Unreadable inputs are skipped and reported.
     """
-    from latentgeo.io import expand_latent_paths, load_latent, output_is_dir, save_latent
-    from latentgeo.reprojection import METHODS
+    import sys
+
+    from latentgeo.cli.common import refuse_non_finite
+    from latentgeo.cli.rendering import check_targets
+    from latentgeo.errors import LatentgeoError
+    from latentgeo.io import (
+        expand_latent_paths,
+        load_latent,
+        output_is_dir,
+        save_latent,
+        unique_names,
+    )
     from latentgeo.reprojection import reproject as reproject_latent
 
-    if method not in METHODS:
-        raise InputError(f"--method {method!r}: unknown (choose from {', '.join(METHODS)})")
     paths = expand_latent_paths(files)
-    if not output_is_dir(output) and len(paths) > 1:
+    to_dir = output_is_dir(output)
+    if not to_dir and len(paths) > 1:
         raise InputError(f"{output}: several inputs need an output directory (trailing '/')")
-    targets = [output / p.name if output_is_dir(output) else output for p in paths]
-    if not force:
-        for t in targets:
-            if t.exists():
-                from latentgeo.errors import OutputExistsError
-
-                raise OutputExistsError(f"{t}: exists (use --force to overwrite)")
-    results = []
+    if to_dir and output.exists() and not output.is_dir():
+        raise InputError(f"{output}: exists and is not a directory")
+    # one output per input, named after it; a repeated name (d1/x.pt d2/x.pt) gets -2, -3, ...
+    stems = unique_names([p.stem for p in paths])
+    targets = ([output / f"{stem}{p.suffix}" for stem, p in zip(stems, paths)] if to_dir
+               else [output])
+    check_targets(targets, force)
+    results, problems = [], []
     for p, target in zip(paths, targets):
-        z, meta = load_latent(p)
-        with progress_bar(f"{p.name} ({method})", max_steps, quiet=json) as advance:
-            res = reproject_latent(z, method=method, strength=strength, max_steps=max_steps,
-                                   alpha=alpha, callback=advance)
+        try:
+            z, meta = load_latent(p)
+            with progress_bar(f"{p.name} ({method})", max_iters, quiet=json) as advance:
+                res = reproject_latent(z, method=method, strength=strength,
+                                       max_steps=max_iters, alpha=alpha, callback=advance)
+            refuse_non_finite(res.latent, f"{p}: the reprojected latent")
+        except LatentgeoError as e:
+            problems.append(str(e))
+            continue
         meta = {**meta, "method": f"reproject:{method}", "reproject_steps": str(res.steps)}
         save_latent(target, res.latent, meta, force=force)
         results.append((p, target, res))
+    if not results:
+        if len(problems) == 1:
+            raise InputError(problems[0])
+        for msg in problems:
+            print(f"skipped: {msg}", file=sys.stderr)
+        raise InputError(f"none of the {len(problems)} latent file(s) could be reprojected")
     if json:
         print_json([{"file": str(p), "output": str(t), "method": r.method, "steps": r.steps,
                      "passed_before": r.before.passed, "passed_after": r.after.passed,
@@ -65,6 +95,7 @@ def reproject(
                      "adjusted_p_after": r.after.adjusted_p, "distance": r.distance,
                      "relative_distance": r.relative_distance, "failed_after": list(r.after.failed)}
                     for p, t, r in results])
+        _report_skipped(problems, len(results))
         return
     print_table(f"reproject ({method}, alpha {alpha})",
                 ["latent", "steps", "before", "after", "adj. p after", "moved", "moved / |z|"],
@@ -72,3 +103,14 @@ def reproject(
                   "pass" if r.after.passed else "FAIL " + ",".join(r.after.failed),
                   r.after.adjusted_p, r.distance, r.relative_distance]
                  for p, _, r in results])
+    _report_skipped(problems, len(results))
+
+
+def _report_skipped(problems: list[str], done: int) -> None:
+    """The batch rule: one ``skipped:`` line per bad file, then one ``error:`` (exit 2)."""
+    import sys
+
+    if problems:
+        for msg in problems:
+            print(f"skipped: {msg}", file=sys.stderr)
+        raise InputError(f"{len(problems)} latent file(s) skipped, {done} written")

@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from latentgeo.cli.common import Force, Json, console, print_json, print_table
+from latentgeo.cli.common import console, print_json, print_table
+from latentgeo.cli.options import Alpha, Force, Json
 
 Files = Annotated[list[Path], typer.Argument(help="Latent files (.pt/.safetensors) or "
                                              "directories of them; one latent per file.")]
-Alpha = Annotated[float, typer.Option("--alpha", min=1e-12, max=0.5,
-                                      help="Family-wise false-alarm rate of the verdict.")]
 
 
 def stats(
@@ -20,7 +20,8 @@ def stats(
     alpha: Alpha = 0.01,
     plot: Annotated[Path | None, typer.Option(
         "--plot", help="Write histogram + QQ + radial power spectrum PNG here (several files: "
-        "one PNG each, named <plot stem>_<file stem>.png).")] = None,
+        "one PNG each, named <plot stem>_<file stem>.png; a repeated file stem gets -2, -3, "
+        "...).")] = None,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -29,22 +30,46 @@ def stats(
     The verdict rejects a fresh torch.randn latent with probability <= alpha (Bonferroni over
     the tests; about 0.8 alpha in practice).
     """
+    import sys
+
+    from latentgeo.errors import InputError, LatentgeoError
     from latentgeo.gaussianity import gaussianity_stats
-    from latentgeo.io import expand_latent_paths, load_latent
+    from latentgeo.io import expand_latent_paths, load_latent, unique_names
 
     paths = expand_latent_paths(files)
-    reports = []
-    for p in paths:
-        z, _ = load_latent(p)
-        report = gaussianity_stats(z, alpha)
+    plots: list[Path | None] = [None] * len(paths)
+    if plot is not None:  # every plot name planned (unique) and checked before any is written
+        if len(paths) == 1:
+            plots = [plot]
+        else:
+            stems = unique_names([p.stem for p in paths])
+            plots = [plot.with_name(f"{plot.stem}_{stem}.png") for stem in stems]
+        if not force:
+            from latentgeo.cli.rendering import check_targets
+
+            check_targets([q for q in plots if q is not None], force)
+    reports, problems = [], []
+    for p, target in zip(paths, plots):
+        try:
+            z, _ = load_latent(p)
+            report = gaussianity_stats(z, alpha)
+        except LatentgeoError as e:
+            problems.append(str(e))
+            continue
         reports.append((p, report))
-        if plot is not None:
+        if target is not None:
             from latentgeo.plotting import plot_gaussianity
 
-            target = plot if len(paths) == 1 else plot.with_name(f"{plot.stem}_{p.stem}.png")
             plot_gaussianity(z, target, title=p.name, force=force)
+    if not reports:
+        if len(problems) == 1:
+            raise InputError(problems[0])
+        for msg in problems:
+            print(f"skipped: {msg}", file=sys.stderr)
+        raise InputError(f"none of the {len(problems)} latent file(s) could be read")
     if json:
         print_json([{"file": str(p), **r.to_dict()} for p, r in reports])
+        _report_skipped(problems, len(reports))
         return
     for p, r in reports:
         rows = [[t.name, t.statistic, t.null, t.p_value, "ok" if t.p_value >= r.threshold
@@ -55,5 +80,19 @@ def stats(
         mom = [[n, m, t, se, zz] for n, m, t, se, zz in
                zip(r.moment_orders, r.moments, r.moment_targets, r.moment_se, r.moment_z)]
         print_table("raw moments mean(x^n)", ["n", "value", "N(0,1)", "std. error", "z"], mom)
-        verdict = "[green]PASS[/green]" if r.passed else f"[red]FAIL[/red] ({', '.join(r.failed)})"
+        verdict = ("[green]PASS[/green]" if r.passed
+                   else f"[red]FAIL[/red] ({escape(', '.join(r.failed))})")
         console.print(f"{verdict}  adjusted p = {r.adjusted_p:.3g}, alpha = {r.alpha}")
+    _report_skipped(problems, len(reports))
+
+
+def _report_skipped(problems: list[str], done: int) -> None:
+    """The batch rule: one ``skipped:`` line per bad file, then one ``error:`` (exit 2)."""
+    import sys
+
+    from latentgeo.errors import InputError
+
+    if problems:
+        for msg in problems:
+            print(f"skipped: {msg}", file=sys.stderr)
+        raise InputError(f"{len(problems)} latent file(s) skipped, {done} tested")

@@ -18,6 +18,7 @@ helpers wrap ``torch.no_grad`` themselves.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -74,6 +75,11 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[key]
 
 
+#: Largest ``sample_size`` side a config may declare (pixels or latent cells): far above any
+#: real model (SDXL latents: 128), small enough that a malformed config cannot claim terabytes.
+MAX_SAMPLE_SIDE = 16384
+
+
 def hw_of(size: Any, name: str) -> tuple[int, int]:
     """A config's ``sample_size`` (int or [h, w]) as (h, w) positive ints."""
     try:
@@ -81,8 +87,9 @@ def hw_of(size: Any, name: str) -> tuple[int, int]:
             (int(size[0]), int(size[1]))
     except (TypeError, ValueError, IndexError):
         raise ModelError(f"{name}: sample_size {size!r} in its config is not a size") from None
-    if min(hw) < 1:
-        raise ModelError(f"{name}: sample_size {size!r} in its config is not a size")
+    if min(hw) < 1 or max(hw) > MAX_SAMPLE_SIDE:
+        raise ModelError(f"{name}: sample_size {size!r} in its config is not a size (1 to "
+                         f"{MAX_SAMPLE_SIDE} per side)")
     return hw
 
 
@@ -172,6 +179,8 @@ class Backend:
     null_class: int | None = None
     pipeline_class: str = ""
     _fingerprint: str | None = field(default=None, repr=False)
+    #: Soft tokens every network call applies, both guidance branches (latentgeo.align).
+    soft_tokens: Any = field(default=None, repr=False)
 
     # -- to implement -------------------------------------------------------------------------
     def grid(self, steps: int) -> Grid:  # pragma: no cover - abstract
@@ -201,6 +210,13 @@ class Backend:
         if self._fingerprint is None:
             self._fingerprint = weights_fingerprint(*self.networks())
         return self._fingerprint
+
+    def token_scope(self, network: Any, t: torch.Tensor) -> Any:
+        """Context for one network call at per-row times ``t`` (B,): ``soft_tokens`` hooked
+        into ``network`` (:meth:`latentgeo.align.tokens.SoftTokens.applied`), or nothing."""
+        if self.soft_tokens is None:
+            return contextlib.nullcontext()
+        return self.soft_tokens.applied(network, t)
 
     def check_steps(self, steps: int, limit: int) -> int:
         """Steps as a positive int no larger than ``limit`` (the training timesteps)."""
@@ -277,8 +293,9 @@ class Backend:
 
 def to_unit_images(x: torch.Tensor) -> torch.Tensor:
     """Model-range images in [-1, 1] -> float32 in [0, 1] (diffusers' ``denormalize``:
-    (x / 2 + 0.5).clamp(0, 1))."""
-    return (x.to(torch.float32) / 2.0 + 0.5).clamp(0.0, 1.0)
+    (x / 2 + 0.5).clamp(0, 1)); float64 stays float64 (float64 gradient checks)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.to(dtype) / 2.0 + 0.5).clamp(0.0, 1.0)
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
