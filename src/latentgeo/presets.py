@@ -12,6 +12,7 @@ from latentgeo.errors import InputError
 #: pixels). A scale factor of 1 is a pixel model that renders only at its trained size.
 FAMILY_SIZES: dict[str, tuple[int, int, int, tuple[int, int]]] = {
     "bundled": (1, 1, 0, (32, 32)),
+    "bundled-flow": (1, 1, 0, (32, 32)),
     "sd15": (4, 8, 8, (512, 512)),
     "sd2": (4, 8, 8, (768, 768)),
     "sdxl": (4, 8, 8, (1024, 1024)),

@@ -112,7 +112,8 @@ MaxIters = Annotated[int | None, typer.Option(
     "(nao-reference: default 10,000).")]
 
 # -- models and rendering -------------------------------------------------------------------------
-Model = Annotated[str, typer.Option("--model", help="'bundled', or any diffusers pipeline id "
+Model = Annotated[str, typer.Option("--model", help="'bundled' (DDPM), 'bundled-flow' "
+                                    "(rectified flow), or any diffusers pipeline id "
                                     "or local path (weights must be cached; no downloads).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Network dtype: float32, float16, "
