@@ -26,6 +26,7 @@ from latentgeo.cli.options import (
     Prompt,
     Render,
     Shard,
+    SoftTokensFile,
     Steps,
     Width,
     finite,
@@ -120,6 +121,7 @@ def optimize(
     fmt: Format = "safetensors",
     batch_size: BatchSize = 16,
     shard: Shard = None,
+    soft_tokens: SoftTokensFile = None,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -169,7 +171,11 @@ def optimize(
     if not to_dir and my_shard.count > 1:
         raise InputError(f"-o {output}: one file cannot be written by several shards; give a "
                          "folder (trailing '/') with --shard, torchrun or accelerate")
+    from latentgeo.cli.soft_tokens import read_soft_tokens, use_soft_tokens
+
+    tokens = read_soft_tokens(soft_tokens)  # a bad token file fails before the model loads
     backend = load_model(model, my_device, dtype, height=height, width=width, offload=offload)
+    use_soft_tokens(backend, tokens, soft_tokens)
     condition = condition_from(backend, prompt, class_label)
     if to_dir:
         _optimize_job(backend, paths, output, f".{fmt}", reward, reward_weight, reward_model,
