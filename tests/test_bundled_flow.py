@@ -123,9 +123,9 @@ def test_cli_interpolate_and_centroid_render(cli, tmp_path):
     a, b = seeds(2, seed=7)
     save_latent(tmp_path / "a.pt", a)
     save_latent(tmp_path / "b.pt", b)
-    model = ["--model", "bundled-flow", "--render-steps", "2"]
+    model = ["--model", "bundled-flow", "--steps", "2"]
     cli("interpolate", tmp_path / "a.pt", tmp_path / "b.pt", "-o", tmp_path / "path.pt",
-        "--method", "slerp", "--steps", "3", "--render", tmp_path / "ri", *model)
+        "--method", "slerp", "--points", "3", "--render", tmp_path / "ri", *model)
     for f in ("step000.png", "step002.png", "strip.png", "path.gif"):
         assert (tmp_path / "ri" / f).is_file(), f
     r = cli("centroid", tmp_path / "a.pt", tmp_path / "b.pt", "-o", tmp_path / "c.pt",
@@ -138,7 +138,7 @@ def test_every_subcommand_runs_on_it(cli, tmp_path):
     """sample -> render -> invert (with --check) -> stats -> reproject -> demo, tiny sizes."""
     r = cli("sample", "--like", "bundled-flow", "-n", "2", "--seed", "3", "-o",
             tmp_path / "seeds/", "--json")
-    files = sorted((tmp_path / "seeds").glob("*.pt"))
+    files = sorted((tmp_path / "seeds").glob("*.safetensors"))
     assert len(files) == 2 and json.loads(r.stdout)
     assert tuple(load_latent(files[0])[0].shape) == (1, 32, 32)
     cli("render", *files, "-o", tmp_path / "img", "--model", "bundled-flow", "--steps", "3",
