@@ -126,12 +126,13 @@ def peak_rss_kb(cmd: list[str], e: dict[str, str]) -> tuple[int, float]:
 
 def memory(args: argparse.Namespace, tmp: Path) -> dict:
     res = {}
-    for kind in ("folder", "batch file"):
+    for kind in args.kinds:
         row = {}
         for n in (args.small, args.large):
             seeds = make_seeds(tmp / f"m-{kind[0]}-{n}", n, batch_file=(kind == "batch file"))
             out = tmp / f"m-out-{kind[0]}-{n}"
-            rss, wall = peak_rss_kb(cli("render", str(seeds), "-o", str(out), "--steps", "5",
+            rss, wall = peak_rss_kb(cli("render", str(seeds), "-o", str(out), "--steps",
+                                        str(args.mem_steps),
                                         "--batch-size", str(args.batch_size)), env(1))
             row[n] = {"peak_rss_kib": rss, "wall_s": wall}
             print(f"  {kind}, {n} seeds: peak RSS {rss / 1024:.1f} MiB ({wall:.0f} s)",
@@ -154,6 +155,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--small", type=int, default=1000)
     p.add_argument("--large", type=int, default=10000)
+    p.add_argument("--mem-steps", type=int, default=5, help="DDIM steps of the memory runs.")
+    p.add_argument("--kinds", nargs="+", default=["folder", "batch file"],
+                   choices=["folder", "batch file"], help="Inputs of the memory runs.")
     p.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     args = p.parse_args()
     print(f"bench_scale: {os.cpu_count()} CPUs, load average "
@@ -165,7 +169,8 @@ def main() -> None:
             print(f"throughput: render {args.seeds} seeds, {args.steps} steps", flush=True)
             out["throughput"] = throughput(args, tmp)
         if args.part in ("all", "memory"):
-            print(f"memory: render --steps 5, {args.small} vs {args.large} seeds", flush=True)
+            print(f"memory: render --steps {args.mem_steps}, {args.small} vs {args.large} seeds",
+                  flush=True)
             out["memory"] = memory(args, tmp)
 
     from rich.console import Console
@@ -188,7 +193,7 @@ def main() -> None:
         print(f"2 procs x 1 thread vs 1 x 1: {two / base:.2f}x (target >= 1.7x); "
               f"vs 1 proc x 2 threads: {two / thr:.2f}x")
     if "memory" in out:
-        table = Table(title="Peak RSS of render --steps 5 (bundled model)")
+        table = Table(title=f"Peak RSS of render --steps {args.mem_steps} (bundled model)")
         for c in ("input", f"{args.small} seeds MiB", f"{args.large} seeds MiB",
                   "bytes / extra seed"):
             table.add_column(c, justify="left" if c == "input" else "right")

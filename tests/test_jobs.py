@@ -51,8 +51,8 @@ def test_parse_shard():
     assert parse_shard("1/3") == Shard(1, 3)
     assert parse_shard(" 0 / 1 ") == Shard(0, 1)
     for bad in ["3/3", "-1/3", "1", "a/b", "1/0", ""]:
-        with pytest.raises(InputError, match="^shard "):
-            parse_shard(bad)
+        with pytest.raises(InputError, match="^--shard"):
+            parse_shard(bad, "--shard")
 
 
 @given(st.integers(0, 200), st.integers(1, 17))
@@ -184,7 +184,7 @@ def test_plan_skips_matching_refuses_different_and_force_redoes(tmp_path):
     before = {q.name: q.stat().st_mtime_ns for q in tmp_path.iterdir()}
     other = lambda it: jobs.Provenance(str(it.ref), {"steps": 7}, "m")  # noqa: E731
     with pytest.raises(OutputExistsError, match=r"k0\.png: exists from a different run "
-                       r"\(steps 5 -> 7\) \(and 1 more\); use --force"):
+                       r"\(steps 5 -> 7\) \(and 1 more\); pass force=True"):
         jobs.plan(items, target, other)
     assert {q.name: q.stat().st_mtime_ns for q in tmp_path.iterdir()} == before
     assert len(jobs.plan(items, target, other, force=True).todo) == 4

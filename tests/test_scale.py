@@ -217,3 +217,29 @@ def test_killed_runs_resume_without_recomputing(cli, reference, tmp_path):
     pa, pb = pngs(out), pngs(full)
     assert sorted(pa) == sorted(pb)
     assert all(np.abs(pa[k] - pb[k]).max() <= 1 for k in pa)
+
+
+def test_optimize_streams_shards_and_resumes(cli, tmp_path):
+    """optimize into a folder runs on the job layer: shards and one-seed chunks give what one
+    batch gives (the randomised regulariser draws per iteration, not per position), and a
+    re-run skips what is done."""
+    from tests.tiny_sd import TINY_PIXEL_LATENT, tiny_pixel_path
+
+    save_latent(tmp_path / "z.safetensors",
+                torch.randn((3, *TINY_PIXEL_LATENT), generator=torch.Generator().manual_seed(2)))
+    base = ["optimize", tmp_path / "z.safetensors", "--reward", "class:3", "--model",
+            str(tiny_pixel_path()), "--steps", "1", "--iters", "2", "--reg", "mpgr"]
+    cli(*base, "-o", f"{tmp_path / 'one'}/", "--batch-size", "3")
+    for i in range(2):
+        cli(*base, "-o", f"{tmp_path / 'sharded'}/", "--batch-size", "1", "--shard", f"{i}/2")
+    names = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
+    assert names == sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert len(names) == 3
+    for n in names:
+        torch.testing.assert_close(load_latent(tmp_path / "one" / n)[0],
+                                   load_latent(tmp_path / "sharded" / n)[0], atol=1e-5, rtol=0)
+    assert merge_manifests(tmp_path / "sharded").ok
+    r = cli(*base, "-o", f"{tmp_path / 'one'}/", "--json")
+    assert len(json.loads(r.stdout)["resumed"]) == 3
+    r = cli(*base[:-2], "--reg", "dno", "-o", f"{tmp_path / 'one'}/", expect=2)
+    assert_one_line_error(r, "exists from a different run", "--force")

@@ -40,6 +40,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import secrets
@@ -223,12 +224,14 @@ class Plan:
 
 
 def plan(items: Sequence[Item], target: Callable[[Item], Path],
-         provenance: Callable[[Item], Provenance], force: bool = False) -> Plan:
+         provenance: Callable[[Item], Provenance], force: bool = False,
+         hint: str = "pass force=True to redo them") -> Plan:
     """Resume rule: an item whose output is absent is to do; present with equal provenance,
     skipped; present and different (or without provenance), refused unless ``force``.
 
-    Refusal is one OutputExistsError naming the first such output and what differs, raised
-    before anything is written. ``provenance(item)`` is called only for existing outputs.
+    Refusal is one OutputExistsError naming the first such output and what differs, then
+    ``hint`` (the CLI names its flag), raised before anything is written.
+    ``provenance(item)`` is called only for existing outputs.
     """
     result = Plan()
     conflicts: list[str] = []
@@ -253,7 +256,7 @@ def plan(items: Sequence[Item], target: Callable[[Item], Path],
             result.skipped.append(it)
     if conflicts:
         more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
-        raise OutputExistsError(f"{conflicts[0]}{more}; force=True redoes it, or write elsewhere")
+        raise OutputExistsError(f"{conflicts[0]}{more}; {hint}")
     return result
 
 
@@ -599,7 +602,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 # -- the loop -------------------------------------------------------------------------------------
 @dataclass
 class Outcome:
-    """What one item produced: its output path and metrics (a :func:`run` ``process`` result)."""
+    """What one item produced: its output path and metrics (a :func:`run` ``process`` result);
+    or, with ``error`` set, why this item failed while the rest of its chunk succeeded."""
 
     output: Path | None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -726,18 +730,41 @@ def _seed_shape(path: Path) -> tuple[int, ...]:
         if suffix == ".safetensors":
             from safetensors import safe_open
 
+            from latentgeo.io import _SAFETENSORS_DTYPES
+            from latentgeo.limits import MAX_ELEMENTS
+
             with safe_open(str(path), framework="pt") as f:
-                if "latent" not in f.keys():
-                    raise InputError(f"{path}: safetensors file has no 'latent' tensor")
-                return tuple(f.get_slice("latent").get_shape())
+                ok = "latent" in f.keys()
+                if ok:
+                    sl = f.get_slice("latent")
+                    shape = tuple(sl.get_shape())
+                    ok = sl.get_dtype() in _SAFETENSORS_DTYPES and 0 < len(shape) and \
+                        0 < math.prod(shape) <= MAX_ELEMENTS
+            if not ok:  # the reason, in io's words
+                _canonical_refusal(path)
+                raise InputError(f"{path}: not a seed file latentgeo reads")
+            return shape
         if suffix == ".pt":
-            return tuple(_pt_tensor(path).shape)
+            from latentgeo.io import validate_latent
+
+            # whole-file checks (dense, no shared memory, size, dtype, finite) on the mapped
+            # tensor; its pages are released when it is dropped
+            return tuple(validate_latent(_pt_tensor(path), str(path)).shape)
     except LatentgeoError:
         raise
     except Exception as e:
+        _canonical_refusal(path)
         raise InputError(f"{path}: not a readable seed file ({_one_line(e)})") from None
     raise InputError(f"{path}: unknown seed file type '{path.suffix}' (expected .pt or "
                      ".safetensors)")
+
+
+def _canonical_refusal(path: Path) -> None:
+    """Raise the one-line refusal :func:`latentgeo.io.load_latent` gives for a file the lazy
+    readers could not read (a pickle that imports code, a corrupt header, ...)."""
+    from latentgeo.io import load_latent
+
+    load_latent(path)
 
 
 def _pt_tensor(path: Path) -> torch.Tensor:
@@ -801,10 +828,43 @@ def seed_items(paths: Sequence[Path], latent_shape: Sequence[int]
     return [Item(k, src, ref) for k, (src, ref) in zip(keys, refs)], problems
 
 
+_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+              "F64": torch.float64}
+
+
+def _safetensors_row(path: Path, row: int) -> torch.Tensor:
+    """Row ``row`` of the ``latent`` tensor of a safetensors file, read with one seek and one
+    read (the format: 8-byte little-endian header length, JSON header with dtype, shape and
+    data offsets, then the row-major data). No memory map: a mapped batch file's pages would
+    count towards the process's resident memory, growing with the file."""
+    import struct
+    import sys
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        meta = header["latent"]
+        dtype = _ST_DTYPES[meta["dtype"]]
+        shape = [int(d) for d in meta["shape"]]
+        if not 0 <= row < shape[0]:
+            raise InputError(f"{path}: row {row} is outside its {shape[0]} seed(s)")
+        start, _ = (int(o) for o in meta["data_offsets"])
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        count = math.prod(shape[1:])
+        f.seek(8 + n + start + row * count * itemsize)
+        data = bytearray(f.read(count * itemsize))
+    if len(data) != count * itemsize:
+        raise InputError(f"{path}: file is truncated (row {row})")
+    x = torch.frombuffer(data, dtype=dtype).reshape(shape[1:])
+    if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
+        x = x.view(torch.uint8).reshape(*shape[1:], itemsize).flip(-1).view(dtype)
+    return x
+
+
 def load_seed(item: Item) -> torch.Tensor:
-    """The seed of a :func:`seed_items` item as float32, read alone (a safetensors slice or a
-    memory-mapped row; the file is closed again, so nothing of it stays resident). NaN or
-    infinite entries are an InputError naming the source."""
+    """The seed of a :func:`seed_items` item as float32, read alone (one row of a batch file
+    by seek and read, or a memory-mapped .pt row; the file is closed again, so nothing of it
+    stays resident). NaN or infinite entries are an InputError naming the source."""
     if item.ref is None:
         path, row = Path(item.source), None
     else:
@@ -813,9 +873,11 @@ def load_seed(item: Item) -> torch.Tensor:
         if path.suffix.lower() == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as f:
-                x = f.get_tensor("latent") if row is None else \
-                    f.get_slice("latent")[row:row + 1][0]
+            if row is None:
+                with safe_open(str(path), framework="pt") as f:
+                    x = f.get_tensor("latent")
+            else:
+                x = _safetensors_row(path, row)
         else:
             t = _pt_tensor(path)
             x = (t if row is None else t[row]).clone()
@@ -823,6 +885,7 @@ def load_seed(item: Item) -> torch.Tensor:
     except LatentgeoError:
         raise
     except Exception as e:
+        _canonical_refusal(path)
         raise InputError(f"{item.source}: not a readable seed ({_one_line(e)})") from None
     from latentgeo.io import validate_latent
 

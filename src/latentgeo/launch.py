@@ -115,22 +115,22 @@ def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
-def parse_shard(text: str) -> Shard:
-    """``"I/N"`` -> Shard(I, N), 0 <= I < N; anything else is an InputError naming the text
-    (the CLI prefixes its flag)."""
+def parse_shard(text: str, name: str = "shard") -> Shard:
+    """``"I/N"`` -> Shard(I, N), 0 <= I < N; anything else is an InputError starting with
+    ``name`` (the CLI passes its flag)."""
     m = _SHARD_RE.match(text or "")
     if not m:
-        raise InputError(f"shard {text!r}: expected I/N with integers, e.g. 0/4")
+        raise InputError(f"{name} {text!r}: expected I/N with integers, e.g. 0/4")
     index, count = int(m.group(1)), int(m.group(2))
     if count < 1 or index >= count:
-        raise InputError(f"shard {text}: need 0 <= I < N (shards are numbered from 0)")
+        raise InputError(f"{name} {text}: need 0 <= I < N (shards are numbered from 0)")
     return Shard(index, count)
 
 
-def resolve_shard(shard: str | Shard | None, launch: Launch) -> Shard:
-    """This process's shard: ``--shard I/N`` (or none: 0/1) subdivided by the launcher's rank,
-    index ``I * W + rank`` of ``N * W``."""
-    base = parse_shard(shard) if isinstance(shard, str) else (shard or Shard())
+def resolve_shard(shard: str | Shard | None, launch: Launch, name: str = "shard") -> Shard:
+    """This process's shard: ``I/N`` (or none: 0/1) subdivided by the launcher's rank, index
+    ``I * W + rank`` of ``N * W``."""
+    base = parse_shard(shard, name) if isinstance(shard, str) else (shard or Shard())
     w = launch.world_size
     return Shard(base.index * w + launch.rank, base.count * w)
 

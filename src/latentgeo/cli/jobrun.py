@@ -116,7 +116,8 @@ def drive(command: str, items: Sequence[Item], out_dir: Path, *,
     from latentgeo.cli.common import Terminated
 
     plan = jobs.plan(items, target,
-                     lambda it: _provenance(input_hash(it), options, fingerprint), force)
+                     lambda it: _provenance(input_hash(it), options, fingerprint), force,
+                     hint="use --force to redo, or another -o")
     jobs.clean_stale_temps(out_dir)
     # Alone and unsharded, a run in which every input fails leaves no folder and no manifest.
     alone = launch.world_size == 1 and shard.count == 1
@@ -160,11 +161,7 @@ def this_process(shard_text: str | None, device: str) -> tuple[Launch, Shard, st
     from latentgeo.launch import detect_launch, rank_device, resolve_shard
 
     launch = detect_launch()
-    try:
-        shard = resolve_shard(shard_text, launch)
-    except InputError as e:  # the library names the value; the CLI its flag
-        raise InputError(f"--{e}") from None
-    return launch, shard, rank_device(device, launch)
+    return launch, resolve_shard(shard_text, launch, "--shard"), rank_device(device, launch)
 
 
 def warn(message: str) -> None:
@@ -219,7 +216,7 @@ def render_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, condition
         z = torch.stack([x for x, _ in inputs])
         images = render(backend, z, condition=condition, steps=n_steps, guidance=guidance,
                         batch_size=len(items))
-        norms = z.flatten(1).norm(dim=1).tolist()
+        norms = z.flatten(1).double().norm(dim=1).tolist()
         outcomes = []
         finite = torch.isfinite(images).flatten(1).all(dim=1).tolist()
         for it, (x, h), img, nrm, ok in zip(items, inputs, images, norms, finite):
@@ -361,7 +358,7 @@ def invert_job(backend: Any, paths: Sequence[Path], names: Sequence[str], output
             trip = check_roundtrip(backend, res.seeds, res.x0, batch, condition=condition,
                                    steps=n_steps, guidance=guidance, batch_size=len(items))
         z = norm_z_scores(res.seeds)
-        norms = res.seeds.flatten(1).norm(dim=1)
+        norms = res.seeds.flatten(1).double().norm(dim=1)
         outcomes = []
         finite = torch.isfinite(res.seeds).flatten(1).all(dim=1).tolist()
         for i, (it, (_, h)) in enumerate(zip(items, inputs)):
@@ -470,3 +467,137 @@ def summary_rows(result: JobResult) -> list[list[Any]]:
             ["failed", len(rep.failed)], ["seconds", round(rep.seconds, 2)]]
 
 
+# -- optimize -------------------------------------------------------------------------------------
+def optimize_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, suffix: str,
+                 rewards: Sequence[Any], reward_specs: Sequence[str],
+                 weights: Sequence[float] | None, settings: Any, condition: Any,
+                 steps: int | None, guidance: float | None, stop_at: float | None,
+                 render_dir: Path | None, batch_size: int, force: bool, quiet: bool,
+                 keep_rows: bool, shard: Shard, launch: Launch
+                 ) -> tuple[JobResult, dict[str, Any]]:
+    """Optimise this shard's seeds ``--batch-size`` at a time (every seed is its own problem,
+    and the randomised regularisers draw the same permutations for a batch as for single seeds,
+    so chunking changes no result): ``out/KEY.SUFFIX`` per seed with its provenance, and with
+    ``render_dir`` ``KEY_before.png``, ``KEY_after.png``, ``KEY_trajectory.png`` (written
+    first, so an existing seed file means its pictures are there). Metrics per seed: rewards,
+    held-out reward, regulariser and norm z before/after, best iteration, status."""
+    from dataclasses import asdict
+
+    import torch
+
+    from latentgeo import __version__, jobs
+    from latentgeo.cli.rendering import view_scale
+    from latentgeo.diffusion import render as render_seeds
+    from latentgeo.images import make_grid, upscale
+    from latentgeo.optimize import optimize as run_optimize
+
+    given, problems = jobs.seed_items(seed_paths, backend.latent_shape)
+    if not given:
+        if len(problems) == 1:
+            raise InputError(problems[0])
+        for msg in problems:
+            warn(f"skipped: {msg}")
+        raise InputError(f"none of the {len(problems)} seed file(s) could be used")
+    if problems:  # optimize refuses a partly unusable input set (its earlier rule)
+        more = f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ""
+        raise InputError(problems[0] + more)
+    all_items = jobs.sort_items(given)
+    mine = jobs.shard_items(all_items, shard)
+    n_steps = backend.default_steps if steps is None else int(steps)
+    options = {"command": "optimize", "settings": asdict(settings),
+               "rewards": list(reward_specs), "weights": None if not weights else list(weights),
+               "steps": n_steps, "guidance": backend.effective_guidance(condition, guidance),
+               "condition": condition, "stop_at": stop_at, "reg_seed": 0,
+               "render": render_dir is not None,
+               "dtype": str(backend.dtype).removeprefix("torch.")}
+    fingerprint = model_fingerprint(backend)
+    keep = keep_rows or len(mine) <= MAX_TABLE_ROWS
+    position = {it.key: i for i, it in enumerate(given)} if keep else {}
+    del given
+    rows: list[dict[str, Any]] = []
+    header: dict[str, Any] = {"model": backend.name}
+    keep_every = max(1, settings.iters // 8) if render_dir is not None else None
+
+    def target(it: Item) -> Path:
+        return out / f"{it.key}{suffix}"
+
+    def load(it: Item) -> tuple[torch.Tensor, str]:
+        x = jobs.load_seed(it)
+        return x, jobs.tensor_hash(x)
+
+    def save_picture(path: Path, img: torch.Tensor, prov: Provenance) -> None:
+        # a picture of this item left by an interrupted run of the same job is replaced
+        mine_before = path.exists() and jobs.read_provenance(path) == prov
+        jobs.save_png(path, img, prov, force=force or mine_before)
+
+    def process(items: list[Item], inputs: list[tuple[torch.Tensor, str]]) -> list[Any]:
+        z = torch.stack([x for x, _ in inputs])
+        res = run_optimize(backend, z, rewards, weights=weights or None, condition=condition,
+                           steps=steps, guidance=guidance, settings=settings,
+                           stop_at=stop_at, keep_every=keep_every)
+        header.setdefault("rewards", res.rewards)
+        header.setdefault("weights", res.weights)
+        finite = torch.isfinite(res.seeds).flatten(1).all(dim=1).tolist()
+        if render_dir is not None:
+            k = view_scale(backend)
+            before_imgs = render_seeds(backend, z, condition, steps, guidance)
+            after_imgs = render_seeds(backend, res.seeds, condition, steps, guidance)
+        outcomes = []
+        for i, (it, (_, h)) in enumerate(zip(items, inputs)):
+            if not finite[i]:
+                outcomes.append(jobs.Outcome(None, error=f"{it.source}: the optimised seed "
+                                             "has NaN or infinite entries"))
+                continue
+            prov = _provenance(h, options, fingerprint)
+            before, best = res.before(i), res.best(i)
+            rec = {"seed": it.key, "output": str(target(it)), "status": res.status[i],
+                   "best_iteration": res.best_iteration[i], "iterations": len(res.log[i]) - 1,
+                   "reward_before": before["target"], "reward_after": best["target"],
+                   "heldout_before": before["heldout"], "heldout_after": best["heldout"],
+                   "regularizer_before": before["regularizer"],
+                   "regularizer_after": best["regularizer"],
+                   "norm_z_before": before["norm_z"], "norm_z_after": best["norm_z"]}
+            if render_dir is not None:
+                save_picture(render_dir / f"{it.key}_before.png", before_imgs[i], prov)
+                save_picture(render_dir / f"{it.key}_after.png", after_imgs[i], prov)
+                traj = torch.stack([zt for _, zt in res.trajectory[i]])
+                frames = render_seeds(backend, traj, condition, steps, guidance)
+                save_picture(render_dir / f"{it.key}_trajectory.png",
+                             make_grid(upscale(frames, k), nrow=frames.shape[0]), prov)
+                rec["images"] = [str(render_dir / f"{it.key}_{w}.png")
+                                 for w in ("before", "after", "trajectory")]
+                rec["trajectory_iterations"] = [t for t, _ in res.trajectory[i]]
+            meta = {"method": f"optimize:{settings.preset}", "model": backend.name,
+                    "rewards": ",".join(res.rewards),
+                    "reward_weights": ",".join(f"{w:g}" for w in res.weights),
+                    "regularizer": settings.reg, "reg_weight": f"{settings.reg_weight:g}",
+                    "rescale": str(settings.rescale), "preset": settings.preset,
+                    "optimizer": settings.optimizer.name, "lr": f"{settings.optimizer.lr:g}",
+                    "clip": str(settings.clip), "iterations": str(settings.iters),
+                    "steps": str(n_steps), "source": it.source, "latentgeo": __version__,
+                    "condition": "" if condition is None else str(condition),
+                    **{k: str(rec[k]) for k in (
+                        "reward_before", "reward_after", "heldout_before", "heldout_after",
+                        "regularizer_before", "regularizer_after", "best_iteration",
+                        "status")}}
+            path = jobs.save_seed(target(it), res.seeds[i], meta, prov, force=force)
+            metrics = {k: rec[k] for k in ("reward_before", "reward_after", "heldout_before",
+                                           "heldout_after", "regularizer_before",
+                                           "regularizer_after", "norm_z_before",
+                                           "norm_z_after", "best_iteration", "status")}
+            outcomes.append(jobs.Outcome(path, metrics))
+            if keep:
+                rec["log"] = res.log[i]
+                rows.append(rec)
+        return outcomes
+
+    report = drive("optimize", mine, out, target=target,
+                   input_hash=lambda it: jobs.tensor_hash(jobs.load_seed(it)), options=options,
+                   fingerprint=fingerprint, load=load, process=process, batch_size=batch_size,
+                   shard=shard, launch=launch, force=force, quiet=quiet,
+                   label=f"optimising {len(mine)} seed(s) ({settings.preset})")
+    if keep:
+        for it in report.skipped:
+            rows.append({"seed": it.key, "output": str(target(it)), "skipped": True})
+        rows.sort(key=lambda r: position[r["seed"]])  # the order given
+    return JobResult(shard, launch, len(mine), report, rows), header
