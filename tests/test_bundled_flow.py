@@ -135,7 +135,8 @@ def test_cli_interpolate_and_centroid_render(cli, tmp_path):
 
 
 def test_every_subcommand_runs_on_it(cli, tmp_path):
-    """sample -> render -> invert (with --check) -> stats -> reproject -> demo, tiny sizes."""
+    """sample -> render -> invert (with --check) -> stats -> reproject -> demo -> optimize,
+    tiny sizes."""
     r = cli("sample", "--like", "bundled-flow", "-n", "2", "--seed", "3", "-o",
             tmp_path / "seeds/", "--json")
     files = sorted((tmp_path / "seeds").glob("*.safetensors"))
@@ -158,3 +159,17 @@ def test_every_subcommand_runs_on_it(cli, tmp_path):
     cli("demo", "-o", tmp_path / "demo", "--model", "bundled-flow", "--steps", "2",
         "--points", "3", "--inputs", "2")
     assert (tmp_path / "demo" / "interpolation.png").is_file()
+    # optimize differentiates through the flow sampler (render_grad) to the seed
+    r = cli("optimize", files[0], "-o", tmp_path / "opt.pt", "--reward", "class:3", "--model",
+            "bundled-flow", "--steps", "2", "--iters", "2", "--json")
+    z, _ = load_latent(tmp_path / "opt.pt")
+    assert z.shape == (1, 32, 32) and torch.isfinite(z).all() and json.loads(r.stdout)
+
+
+def test_align_refuses_the_flow_model_in_one_line(cli, tmp_path):
+    """Soft tokens exist for the DDPM, SD and SDXL only: one error line, exit 2."""
+    from tests.conftest import assert_one_line_error
+
+    r = cli("align", "--model", "bundled-flow", "-o", tmp_path / "t.safetensors", expect=None)
+    assert_one_line_error(r, "bundled-flow", "soft tokens")
+    assert not (tmp_path / "t.safetensors").exists()
