@@ -38,6 +38,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("reproject", "reproject", "reproject"),
     ("optimize", "optimize", "optimize"),
     ("manifest", "manifest", "manifest"),
+    ("align", "align", "align"),
 ]
 
 for _name, _module, _func in COMMANDS:

@@ -18,13 +18,17 @@ from latentgeo.cli.options import (
     Dtype,
     Force,
     Format,
+    Height,
     Json,
     Model,
+    Offload,
     Prompt,
     Shard,
     Steps,
+    Width,
     finite,
 )
+from latentgeo.cli.soft_tokens import SoftTokensFile, read_soft_tokens, use_soft_tokens
 from latentgeo.errors import InputError, OutputExistsError
 
 _GLOB_CHARS = "*?["
@@ -95,8 +99,12 @@ def invert(
     fmt: Format = "safetensors",
     batch_size: BatchSize = 16,
     shard: Shard = None,
+    soft_tokens: SoftTokensFile = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    height: Height = None,
+    width: Width = None,
+    offload: Offload = False,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -132,7 +140,9 @@ def invert(
         for msg in problems:
             print(f"skipped: {msg}", file=sys.stderr)
         raise InputError(f"none of the {len(problems)} input(s) could be read")
-    backend = load_model(model, my_device, dtype)
+    tokens = read_soft_tokens(soft_tokens)  # a bad token file fails before the model loads
+    backend = load_model(model, my_device, dtype, height=height, width=width, offload=offload)
+    use_soft_tokens(backend, tokens, soft_tokens)
     condition = condition_from(backend, prompt, class_label)
     result, header = invert_job(
         backend, paths, names, output, to_dir=to_dir, suffix=f".{fmt}", condition=condition,

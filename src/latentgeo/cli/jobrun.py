@@ -142,6 +142,20 @@ def drive(command: str, items: Sequence[Item], out_dir: Path, *,
     return report
 
 
+def model_fingerprint(backend: Any) -> str:
+    """The provenance's model fingerprint: the weights' (:meth:`Backend.fingerprint`), plus a
+    digest of the soft tokens attached (``--soft-tokens``), which change every output too."""
+    import hashlib
+
+    fp = backend.fingerprint()
+    tokens = getattr(backend, "soft_tokens", None)
+    if tokens is None:
+        return fp
+    values = tokens.values.detach().to("cpu", copy=True).contiguous().float().numpy()
+    digest = hashlib.sha256(values.tobytes() + repr(tokens.points).encode()).hexdigest()[:16]
+    return f"{fp}+tokens:{digest}"
+
+
 def this_process(shard_text: str | None, device: str) -> tuple[Launch, Shard, str]:
     """(launch, shard, device) for this process from the environment and the options."""
     from latentgeo.launch import detect_launch, rank_device, resolve_shard
@@ -183,7 +197,7 @@ def render_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, condition
     g = backend.effective_guidance(condition, guidance)
     options = {"command": "render", "steps": n_steps, "guidance": g, "condition": condition,
                "dtype": str(backend.dtype).removeprefix("torch.")}
-    fingerprint = backend.fingerprint()
+    fingerprint = model_fingerprint(backend)
 
     def target(it: Item) -> Path:
         return out / f"{it.key}.png"
@@ -313,7 +327,7 @@ def invert_job(backend: Any, paths: Sequence[Path], names: Sequence[str], output
     options = {"command": "invert", "steps": n_steps, "guidance": applied,
                "condition": condition, "fixed_point_iters": fixed_point, "tol": tol_value,
                "anderson": anderson, "dtype": str(backend.dtype).removeprefix("torch.")}
-    fingerprint = backend.fingerprint()
+    fingerprint = model_fingerprint(backend)
     meta = {"model": backend.name, "family": backend.family, "steps": str(n_steps),
             "guidance": str(applied), "method": method, "fixed_point_iters": str(fixed_point),
             "anderson": str(anderson), "tol": str(tol_value), "latentgeo": __version__}
@@ -496,7 +510,7 @@ def optimize_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, suffix:
                "condition": condition, "stop_at": stop_at, "reg_seed": 0,
                "render": render_dir is not None,
                "dtype": str(backend.dtype).removeprefix("torch.")}
-    fingerprint = backend.fingerprint()
+    fingerprint = model_fingerprint(backend)
     keep = keep_rows or len(mine) <= MAX_TABLE_ROWS
     position = {it.key: i for i, it in enumerate(given)} if keep else {}
     del given

@@ -18,13 +18,17 @@ from latentgeo.cli.options import (
     Force,
     Format,
     Guidance,
+    Height,
     Json,
     Model,
+    Offload,
     Output,
     Prompt,
     Render,
     Shard,
+    SoftTokensFile,
     Steps,
+    Width,
     finite,
 )
 from latentgeo.errors import InputError
@@ -110,10 +114,14 @@ def optimize(
     guidance: Guidance = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    height: Height = None,
+    width: Width = None,
+    offload: Offload = False,
     render: Render = None,
     fmt: Format = "safetensors",
     batch_size: BatchSize = 16,
     shard: Shard = None,
+    soft_tokens: SoftTokensFile = None,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -163,7 +171,11 @@ def optimize(
     if not to_dir and my_shard.count > 1:
         raise InputError(f"-o {output}: one file cannot be written by several shards; give a "
                          "folder (trailing '/') with --shard, torchrun or accelerate")
-    backend = load_model(model, my_device, dtype)
+    from latentgeo.cli.soft_tokens import read_soft_tokens, use_soft_tokens
+
+    tokens = read_soft_tokens(soft_tokens)  # a bad token file fails before the model loads
+    backend = load_model(model, my_device, dtype, height=height, width=width, offload=offload)
+    use_soft_tokens(backend, tokens, soft_tokens)
     condition = condition_from(backend, prompt, class_label)
     if to_dir:
         _optimize_job(backend, paths, output, f".{fmt}", reward, reward_weight, reward_model,

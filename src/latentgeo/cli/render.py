@@ -16,13 +16,17 @@ from latentgeo.cli.options import (
     Dtype,
     Force,
     Guidance,
+    Height,
     ImageFolder,
     Json,
     Model,
+    Offload,
     Prompt,
     Shard,
     Steps,
+    Width,
 )
+from latentgeo.cli.soft_tokens import SoftTokensFile, read_soft_tokens, use_soft_tokens
 from latentgeo.errors import InputError
 
 
@@ -73,10 +77,14 @@ def render(
     guidance: Guidance = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    height: Height = None,
+    width: Width = None,
+    offload: Offload = False,
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png with all "
                                        "images.")] = False,
     batch_size: BatchSize = 16,
     shard: Shard = None,
+    soft_tokens: SoftTokensFile = None,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -102,7 +110,9 @@ def render(
 
     launch, my_shard, my_device = this_process(shard, device)
     paths = expand_latent_paths(seeds)  # missing seed files fail before the model loads
-    backend = load_model(model, my_device, dtype)
+    tokens = read_soft_tokens(soft_tokens)
+    backend = load_model(model, my_device, dtype, height=height, width=width, offload=offload)
+    use_soft_tokens(backend, tokens, soft_tokens)
     condition = condition_from(backend, prompt, class_label)
     result, header = render_job(backend, paths, out, condition=condition, steps=steps,
                                 guidance=guidance, batch_size=batch_size, grid=grid,
