@@ -166,3 +166,15 @@ def test_guard_lets_typer_control_flow_through():
     assert CliRunner().invoke(app2, ["quits", "--code", "3"]).exit_code == 3
     r = CliRunner().invoke(app2, ["bad"])
     assert r.exit_code == 2 and r.stderr.startswith("error: ") and "bug" not in r.stderr
+
+
+def test_invert_json_reports_the_guidance_applied(cli, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16), 90, np.uint8)).save(tmp_path / "d.png")
+    common = ["invert", tmp_path / "d.png", "--model", str(tiny_pixel_path()), "--steps", "1",
+              "--fixed-point", "0", "--guidance", "3", "--json"]
+    assert json.loads(cli(*common, "-o", f"{tmp_path / 'u'}/").stdout)["guidance"] == 1.0
+    r = cli(*common, "-o", f"{tmp_path / 'c'}/", "--class", "2")
+    assert json.loads(r.stdout)["guidance"] == 3.0

@@ -53,3 +53,25 @@ def bootstrap_interval(values: np.ndarray, statistic=np.mean, n_boot: int = 1000
     boots = np.array([statistic(values[i]) for i in idx])
     lo, hi = np.quantile(boots, [(1 - confidence) / 2, (1 + confidence) / 2])
     return float(lo), float(hi)
+
+
+def kernel_inception_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """Unbiased squared MMD with the cubic polynomial kernel k(x, y) = (x.y / F + 1)^3
+    between feature sets (N, F) and (M, F) (Bińkowski et al. 2018, Eq. 4: KID):
+
+        KID = sum_{i != j} k(a_i, a_j) / (N (N - 1)) + sum_{i != j} k(b_i, b_j) / (M (M - 1))
+              - 2 sum_{i, j} k(a_i, b_j) / (N M).
+
+    Can be slightly negative when the sets match. float64; needs N, M >= 2.
+    """
+    a = np.asarray(feats_a, dtype=np.float64)
+    b = np.asarray(feats_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"need two (N>=2, F) feature sets, got {a.shape} and {b.shape}")
+    f = a.shape[1]
+    k_aa = (a @ a.T / f + 1.0) ** 3
+    k_bb = (b @ b.T / f + 1.0) ** 3
+    k_ab = (a @ b.T / f + 1.0) ** 3
+    n, m = len(a), len(b)
+    return float((k_aa.sum() - np.trace(k_aa)) / (n * (n - 1))
+                 + (k_bb.sum() - np.trace(k_bb)) / (m * (m - 1)) - 2.0 * k_ab.mean())

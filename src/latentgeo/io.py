@@ -88,6 +88,17 @@ def _overlaps(x: torch.Tensor) -> bool:
 def validate_latent(x: object, name: str) -> torch.Tensor:
     """``x`` as a latent (module docstring), detached and contiguous; ``InputError`` naming
     ``name`` otherwise. Checks that cost memory (finiteness) run only after the size checks."""
+    x = check_latent_layout(x, name).detach().contiguous()
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise InputError(f"{name}: tensor has {bad} NaN or infinite entries")
+    return x
+
+
+def check_latent_layout(x: object, name: str) -> torch.Tensor:
+    """The checks of :func:`validate_latent` that read no values (type, layout, device,
+    dtype, size, overlap), so a memory-mapped batch file is checked without paging it in."""
     if not isinstance(x, torch.Tensor):
         raise InputError(f"{name}: holds {type(x).__name__}, not a tensor")
     if type(x) is not torch.Tensor:
@@ -111,11 +122,6 @@ def validate_latent(x: object, name: str) -> torch.Tensor:
     if _overlaps(x):
         raise InputError(f"{name}: tensor of shape {tuple(x.shape)} repeats its memory (an "
                          "expanded view); save tensor.contiguous()")
-    x = x.detach().contiguous()
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise InputError(f"{name}: tensor has {bad} NaN or infinite entries")
     return x
 
 

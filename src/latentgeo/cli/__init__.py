@@ -37,6 +37,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("stats", "stats", "stats"),
     ("reproject", "reproject", "reproject"),
     ("optimize", "optimize", "optimize"),
+    ("manifest", "manifest", "manifest"),
+    ("align", "align", "align"),
 ]
 
 for _name, _module, _func in COMMANDS:

@@ -21,13 +21,16 @@ from latentgeo.cli.options import (
     Dtype,
     Force,
     Guidance,
+    Height,
     Json,
     MaxIters,
     Model,
+    Offload,
     OutputFile,
     Prompt,
     Render,
     Steps,
+    Width,
     method_option,
 )
 
@@ -109,6 +112,9 @@ def centroid(
     steps: Steps = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    height: Height = None,
+    width: Width = None,
+    offload: Offload = False,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -149,7 +155,8 @@ def centroid(
             refuse_zero(xi, name, what)
     job = prepare_render(render, tuple(x.shape[1:]), ["centroid", *names], model, device,
                          dtype, prompt, class_label, steps, guidance, grid=True,
-                         force=force, quiet=json)
+                         force=force, quiet=json, height=height, width=width,
+                         offload=offload)
     with numbers_in_range(f"the {method} centroid", x):
         c = compute_centroid(x, method, w, power, max_iters)
     refuse_non_finite(c, f"the {method} centroid")

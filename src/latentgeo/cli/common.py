@@ -152,7 +152,7 @@ def cli_message(e: LatentgeoError) -> str:
 
     if isinstance(e, OutputExistsError) and getattr(e, "path", None) is not None:
         return f"{e.path}: exists (use --force to overwrite)"
-    return str(e)
+    return str(e).replace("force=True", "--force")
 
 
 def guard(fn: Callable[..., Any]) -> Callable[..., Any]:

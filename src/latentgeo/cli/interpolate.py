@@ -20,16 +20,19 @@ from latentgeo.cli.options import (
     Force,
     Format,
     Guidance,
+    Height,
     InterpolationMethod,
     Json,
     MaxIters,
     Model,
+    Offload,
     Output,
     Points,
     Prompt,
     Render,
     Spacing,
     Steps,
+    Width,
     method_option,
 )
 from latentgeo.spacings import DEFAULT_SPACING, SPACINGS
@@ -103,6 +106,9 @@ def interpolate(
     steps: Steps = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    height: Height = None,
+    width: Width = None,
+    offload: Offload = False,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -135,7 +141,8 @@ def interpolate(
                          f"limit is {MAX_ELEMENTS:,}")
     names = [f"step{i:03d}" for i in range(points)]
     job = prepare_render(render, tuple(xa.shape), names, model, device, dtype, prompt,
-                         class_label, steps, guidance, strip=True, force=force, quiet=json)
+                         class_label, steps, guidance, strip=True, force=force, quiet=json,
+                         height=height, width=width, offload=offload)
     ends = torch.stack([xa, xb])
     with numbers_in_range(f"the {method} path", ends):
         path = compute_path(xa, xb, method, points, spacing, max_iters)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -10,18 +11,24 @@ import typer
 
 from latentgeo.cli import names
 from latentgeo.cli.options import (
+    BatchSize,
     ClassLabel,
     Device,
     Dtype,
     Force,
     Format,
     Guidance,
+    Height,
     Json,
     Model,
+    Offload,
     Output,
     Prompt,
     Render,
+    Shard,
+    SoftTokensFile,
     Steps,
+    Width,
     finite,
 )
 from latentgeo.errors import InputError
@@ -65,8 +72,9 @@ StopAt = Annotated[float | None, typer.Option(
 
 
 def _check_specs(rewards: list[str], weights: list[float] | None,
-                 reward_model: Path | None) -> None:
-    """Torch-free checks of --reward / --reward-weight before any model loads."""
+                 reward_model: object = None) -> None:
+    """Torch-free checks of --reward / --reward-weight / --reward-model before any model
+    loads."""
     if not rewards:
         raise InputError("--reward: give at least one (class:N, clip:TEXT, "
                          "python:MODULE:FUNCTION)")
@@ -107,8 +115,14 @@ def optimize(
     guidance: Guidance = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    height: Height = None,
+    width: Width = None,
+    offload: Offload = False,
     render: Render = None,
     fmt: Format = "safetensors",
+    batch_size: BatchSize = 16,
+    shard: Shard = None,
+    soft_tokens: SoftTokensFile = None,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -120,6 +134,12 @@ def optimize(
     digit model takes class:N rewards (judge A; judge B is reported as the held-out reward);
     SD-family pipelines take clip:TEXT with --reward-model. --render DIR writes NAME_before.png,
     NAME_after.png and NAME_trajectory.png per seed. GPU: --device cuda --dtype bfloat16.
+
+    Into a folder, seeds stream through --batch-size at a time, each written with its
+    provenance when its chunk is done: a re-run skips seeds already optimised with the same
+    options (resume), refuses ones made otherwise (--force redoes them), and logs every seed in
+    OUTPUT/manifest-*.jsonl. Under torchrun or accelerate launch each process takes its own
+    share; --shard I/N splits the work for job arrays.
     """
     _check_specs(reward, reward_weight, reward_model)
     import torch
@@ -146,8 +166,23 @@ def optimize(
     if render is not None and render.exists() and not render.is_dir():
         raise InputError(f"--render {render}: exists and is not a directory")
 
-    backend = load_model(model, device, dtype)
+    from latentgeo.cli.jobrun import this_process
+
+    launch, my_shard, my_device = this_process(shard, device)
+    if not to_dir and my_shard.count > 1:
+        raise InputError(f"-o {output}: one file cannot be written by several shards; give a "
+                         "folder (trailing '/') with --shard, torchrun or accelerate")
+    from latentgeo.cli.soft_tokens import read_soft_tokens, use_soft_tokens
+
+    tokens = read_soft_tokens(soft_tokens)  # a bad token file fails before the model loads
+    backend = load_model(model, my_device, dtype, height=height, width=width, offload=offload)
+    use_soft_tokens(backend, tokens, soft_tokens)
     condition = condition_from(backend, prompt, class_label)
+    if to_dir:
+        _optimize_job(backend, paths, output, f".{fmt}", reward, reward_weight, reward_model,
+                      settings, condition, steps, guidance, stop_at, render, batch_size, force,
+                      json, launch, my_shard)
+        return
     z, seed_names, problems = load_seeds([str(p) for p in paths], backend.latent_shape)
     if problems:
         more = f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ""
@@ -172,7 +207,7 @@ def optimize(
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                         TextColumn("{task.fields[live]}"), console=err_console,
-                        transient=True, disable=json)
+                        transient=True, disable=json or not err_console.is_terminal)
 
     def on_iteration(t: int, rows: list[int], records: list[dict]) -> None:
         target = sum(r["target"] for r in records) / len(records)
@@ -250,10 +285,76 @@ def optimize(
                   r["best_iteration"], r["status"]] for r in records])
     for r in records:
         if r["status"].startswith("stopped"):
-            err_console.print(f"warning: seed {r['seed']}: {r['status']}")
+            # plain print: one line whatever the width, file names never read as Rich markup
+            print(f"warning: seed {r['seed']}: {r['status']}", file=sys.stderr)
 
 
 def _settings_dict(s: Any) -> dict:
     from dataclasses import asdict
 
     return asdict(s)
+
+
+def _optimize_job(backend: Any, paths: list[Path], output: Path, suffix: str,
+                  reward: list[str], reward_weight: list[float] | None,
+                  reward_model: Path | None, settings: Any, condition: Any,
+                  steps: int | None, guidance: float | None, stop_at: float | None,
+                  render: Path | None, batch_size: int, force: bool, json: bool,
+                  launch: Any, shard: Any) -> None:
+    """``optimize`` into a folder: the streaming job (:func:`latentgeo.cli.jobrun.optimize_job`)
+    and its report."""
+    from latentgeo.cli.common import err_console, print_json, print_table
+    from latentgeo.cli.jobrun import optimize_job, warn
+    from latentgeo.optimize import parse_reward
+
+    rewards = [parse_reward(s, backend, None if reward_model is None else str(reward_model),
+                            backend.device) for s in reward]
+    result, header = optimize_job(
+        backend, paths, output, suffix=suffix, rewards=rewards, reward_specs=reward,
+        weights=reward_weight, settings=settings, condition=condition, steps=steps,
+        guidance=guidance, stop_at=stop_at, render_dir=render, batch_size=batch_size,
+        force=force, quiet=json, keep_rows=json, shard=shard, launch=launch)
+    rep = result.report
+    failed = [why if why.startswith(it.source) else f"{it.source}: {why}"
+              for it, why in rep.failed]
+    if failed and not rep.n_done and not rep.skipped and launch.world_size == 1 \
+            and len(failed) == 1:
+        raise InputError(failed[0])
+    records = [r for r in result.rows if not r.get("skipped")]
+    if json:
+        print_json({"settings": _settings_dict(settings),
+                    "rewards": header.get("rewards", list(reward)),
+                    "weights": header.get("weights", reward_weight), "model": backend.name,
+                    "seeds": [{k: v for k, v in r.items() if k != "log"} for r in records],
+                    "log": {r["seed"]: r["log"] for r in records},
+                    "resumed": [r["seed"] for r in result.rows if r.get("skipped")],
+                    "shard": [shard.index, shard.count]})
+    else:
+        title = (f"optimize ({settings.preset}: {settings.optimizer.name} lr "
+                 f"{settings.optimizer.lr:g}, {settings.reg} x {settings.reg_weight:g}"
+                 f"{' rescaled' if settings.rescale else ''}, {settings.iters} iterations)"
+                 + (f", shard {shard.index}/{shard.count}" if shard.count > 1 else "")
+                 + (f"; {len(rep.skipped)} already there" if rep.skipped else ""))
+        if records or not rep.n_done:
+            print_table(title, ["seed", "reward", "held-out", settings.reg, "norm z",
+                                "best it", "status"],
+                        [[r["seed"], f"{r['reward_before']:.4g} -> {r['reward_after']:.4g}",
+                          f"{r['heldout_before']:.4g} -> {r['heldout_after']:.4g}",
+                          f"{r['regularizer_before']:.4g} -> {r['regularizer_after']:.4g}",
+                          f"{r['norm_z_before']:.2f} -> {r['norm_z_after']:.2f}",
+                          r["best_iteration"], r["status"]] for r in records])
+        else:
+            from latentgeo.cli.jobrun import summary_rows
+
+            print_table(title, ["", "seeds"], summary_rows(result))
+        for r in records:
+            if r["status"].startswith("stopped"):
+                err_console.print(f"warning: seed {r['seed']}: {r['status']}")
+    if failed:
+        for msg in failed:
+            warn(f"skipped: {msg}")
+        message = f"{len(failed)} seed(s) skipped, {rep.n_done} seed(s) written"
+        if launch.world_size > 1:
+            warn(f"warning: {message} (recorded in the manifest; exit 0 under the launcher)")
+        else:
+            raise InputError(message)

@@ -188,7 +188,8 @@ def prepare_render(out: Path | None, shape: Sequence[int], names: Sequence[str],
                    prompt: str | None = None, class_label: int | None = None,
                    steps: int | None = None, guidance: float | None = None,
                    strip: bool = False, grid: bool = False, force: bool = False,
-                   quiet: bool = False) -> RenderJob | None:
+                   quiet: bool = False, height: int | None = None, width: int | None = None,
+                   offload: bool = False) -> RenderJob | None:
     """Validate a ``--render`` request (None when ``out`` is None) before anything is written:
     the model loads, the condition fits it, latents of ``shape`` are its seeds, and none of
     ``NAME.png`` (plus strip.png/path.gif, grid.png) exists unless ``force``."""
@@ -200,7 +201,7 @@ def prepare_render(out: Path | None, shape: Sequence[int], names: Sequence[str],
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--render {out}: exists and is not a directory")
-    backend = load_model(model, device, dtype)
+    backend = load_model(model, device, dtype, height=height, width=width, offload=offload)
     if tuple(shape) != tuple(backend.latent_shape):
         raise ShapeError(f"--render: latents of shape {tuple(shape)} do not fit {backend.name}, "
                          f"whose seeds have shape {tuple(backend.latent_shape)}")

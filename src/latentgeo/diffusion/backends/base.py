@@ -18,6 +18,7 @@ helpers wrap ``torch.no_grad`` themselves.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -178,6 +179,8 @@ class Backend:
     null_class: int | None = None
     pipeline_class: str = ""
     _fingerprint: str | None = field(default=None, repr=False)
+    #: Soft tokens every network call applies, both guidance branches (latentgeo.align).
+    soft_tokens: Any = field(default=None, repr=False)
 
     # -- to implement -------------------------------------------------------------------------
     def grid(self, steps: int) -> Grid:  # pragma: no cover - abstract
@@ -207,6 +210,13 @@ class Backend:
         if self._fingerprint is None:
             self._fingerprint = weights_fingerprint(*self.networks())
         return self._fingerprint
+
+    def token_scope(self, network: Any, t: torch.Tensor) -> Any:
+        """Context for one network call at per-row times ``t`` (B,): ``soft_tokens`` hooked
+        into ``network`` (:meth:`latentgeo.align.tokens.SoftTokens.applied`), or nothing."""
+        if self.soft_tokens is None:
+            return contextlib.nullcontext()
+        return self.soft_tokens.applied(network, t)
 
     def check_steps(self, steps: int, limit: int) -> int:
         """Steps as a positive int no larger than ``limit`` (the training timesteps)."""

@@ -75,7 +75,8 @@ class PixelBackend(Backend):
             if guided:
                 x_in = torch.cat([x_in, x_in])
             t_in = t.to(self.device).reshape(()).expand(x_in.shape[0])
-            out = self.unet(x_in, t_in, **extra, return_dict=False)[0]
+            with self.token_scope(self.unet, t_in):
+                out = self.unet(x_in, t_in, **extra, return_dict=False)[0]
             if guided:
                 out = cfg_combine(out, g)
             return out.to(x.device, x.dtype)

@@ -74,7 +74,9 @@ class SDBackend(LatentBackend):
                 context = torch.cat([context, self.embed([""] * b)])
                 x_in = torch.cat([x_in, x_in])
             t_in = t.to(self.device).reshape(()).expand(x_in.shape[0])
-            out = self.unet(x_in, t_in, encoder_hidden_states=context, return_dict=False)[0]
+            with self.token_scope(self.unet, t_in):
+                out = self.unet(x_in, t_in, encoder_hidden_states=context,
+                                return_dict=False)[0]
             if guided:
                 out = cfg_combine(out, g)
             return out.to(x.device, x.dtype)

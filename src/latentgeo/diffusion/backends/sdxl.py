@@ -107,8 +107,9 @@ class SDXLBackend(SDBackend):
                 x_in = torch.cat([x_in, x_in])
             added = {"text_embeds": pooled, "time_ids": self.time_ids(x_in.shape[0])}
             t_in = t.to(self.device).reshape(()).expand(x_in.shape[0])
-            out = self.unet(x_in, t_in, encoder_hidden_states=context, added_cond_kwargs=added,
-                            return_dict=False)[0]
+            with self.token_scope(self.unet, t_in):
+                out = self.unet(x_in, t_in, encoder_hidden_states=context,
+                                added_cond_kwargs=added, return_dict=False)[0]
             if guided:
                 out = cfg_combine(out, g)
             return out.to(x.device, x.dtype)
