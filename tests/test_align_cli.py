@@ -72,6 +72,16 @@ def test_render_with_tokens_changes_the_image(cli, token_file, tmp_path):
     a = (tmp_path / "plain" / "z.png").read_bytes()
     b = (tmp_path / "tok" / "z.png").read_bytes()
     assert a != b
+    # tokens are part of an output's provenance: resuming into the token render's folder
+    # without them (or into the plain one with them) is refused, not silently mixed
+    r = cli("render", tmp_path / "z.pt", "-o", tmp_path / "tok", *common, expect=None)
+    assert_one_line_error(r, "different run")
+    r = cli("render", tmp_path / "z.pt", "-o", tmp_path / "plain", *common, "--soft-tokens",
+            token_file, expect=None)
+    assert_one_line_error(r, "different run")
+    cli("render", tmp_path / "z.pt", "-o", tmp_path / "tok", *common, "--soft-tokens",
+        token_file)  # same run again: resumed, nothing redone
+    assert (tmp_path / "tok" / "z.png").read_bytes() == b
 
 
 def test_tokens_refused_by_another_model(cli, token_file, tmp_path):
@@ -123,3 +133,19 @@ def test_default_data_is_the_bundled_digits(cli, tmp_path):
     summary = json.loads(r.stdout)
     assert summary["examples"] == 4500 and summary["parameters"] == 11 * 64
     assert load_tokens(out).meta["data"].startswith("bundled digits")
+
+
+def test_optimize_takes_tokens(cli, token_file, tmp_path):
+    """--soft-tokens on optimize: the tokens change the optimised render, and a seed optimised
+    with tokens is not resumed as one optimised without them."""
+    save_latent(tmp_path / "in" / "z.pt", torch.randn(TINY_PIXEL_LATENT,
+                                                      generator=torch.Generator().manual_seed(2)))
+    common = ["--reward", "class:1", "--model", tiny_pixel_path(), "--class", "1", "--steps",
+              "2", "--iters", "1", "--json"]
+    plain = json.loads(cli("optimize", tmp_path / "in", "-o", f"{tmp_path / 'plain'}/",
+                           *common).stdout)
+    tok = json.loads(cli("optimize", tmp_path / "in", "-o", f"{tmp_path / 'tok'}/", *common,
+                         "--soft-tokens", token_file).stdout)
+    assert plain["seeds"][0] != tok["seeds"][0]
+    r = cli("optimize", tmp_path / "in", "-o", f"{tmp_path / 'tok'}/", *common, expect=None)
+    assert_one_line_error(r, "different run")

@@ -154,7 +154,12 @@ def test_cli_bad_inputs_skipped_good_ones_written(cli, pixel_model, tmp_path):
     res = json.loads(r.stdout)
     assert [row["image"] for row in res["results"]] == [str(good), str(deep), str(rgba)]
     assert sorted(p.name for p in out.iterdir()) == [
-        "alpha.safetensors", "deep16.safetensors", "good.safetensors"]  # no temp files left
+        "alpha.safetensors", "deep16.safetensors", "good.safetensors",
+        "manifest-00000-of-00001.jsonl"]  # no temp files left
+    from latentgeo.jobs import merge_manifests
+
+    summary = merge_manifests(out)  # the two unreadable images are the manifest's failures
+    assert sorted(r["input"] for r in summary.failed) == sorted([str(text), str(tiny)])
     err = r.stderr
     for bad in (text, tiny, missing):
         assert str(bad) in err

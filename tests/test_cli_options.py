@@ -122,3 +122,59 @@ def test_render_json_reports_the_guidance_applied(cli, tmp_path):
     r = cli("render", tmp_path / "z.pt", "-o", tmp_path / "c", "--model", model, "--steps", "1",
             "--class", "2", "--guidance", "3", "--json")
     assert json.loads(r.stdout)["guidance"] == 3.0
+
+
+def test_library_messages_name_no_cli_flags():
+    """The library names the problem (and its own arguments); only latentgeo.cli names flags
+    such as --force or --steps (STYLE.md, issue 15)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import latentgeo
+
+    root = Path(latentgeo.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if "cli" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                for const in ast.walk(node.exc):
+                    if (isinstance(const, ast.Constant) and isinstance(const.value, str)
+                            and re.search(r"(^|[\s(])--[a-z]", const.value)):
+                        offenders.append(f"{path.name}:{node.lineno}: {const.value}")
+    assert not offenders, offenders
+
+
+def test_guard_lets_typer_control_flow_through():
+    """typer.Exit and usage errors raised inside a command are not reported as bugs."""
+    from typer.testing import CliRunner
+
+    from latentgeo.cli.common import LatentgeoGroup, guard
+
+    app2 = typer.Typer(cls=LatentgeoGroup)
+
+    def quits(code: int = 0) -> None:
+        raise typer.Exit(code)
+
+    def bad() -> None:
+        raise typer.BadParameter("no good")
+
+    app2.command("quits")(guard(quits))
+    app2.command("bad")(guard(bad))
+    assert CliRunner().invoke(app2, ["quits", "--code", "3"]).exit_code == 3
+    r = CliRunner().invoke(app2, ["bad"])
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and "bug" not in r.stderr
+
+
+def test_invert_json_reports_the_guidance_applied(cli, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16), 90, np.uint8)).save(tmp_path / "d.png")
+    common = ["invert", tmp_path / "d.png", "--model", str(tiny_pixel_path()), "--steps", "1",
+              "--fixed-point", "0", "--guidance", "3", "--json"]
+    assert json.loads(cli(*common, "-o", f"{tmp_path / 'u'}/").stdout)["guidance"] == 1.0
+    r = cli(*common, "-o", f"{tmp_path / 'c'}/", "--class", "2")
+    assert json.loads(r.stdout)["guidance"] == 3.0

@@ -31,19 +31,26 @@ def test_render_writes_one_png_per_seed_and_a_grid(cli, tmp_path, seeds_dir, mod
     r = cli("render", seeds_dir, "-o", out, "--model", model, "--class", "3", "--steps", "2",
             "--grid")
     names = sorted(p.stem for p in seeds_dir.iterdir())
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.png" for n in names]
-                                                           + ["grid.png"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{n}.png" for n in names] + ["grid.png", "manifest-00000-of-00001.jsonl"])
     with Image.open(out / f"{names[0]}.png") as im:
         assert im.mode == "L" and im.size == (16, 16)
     assert names[0] in r.stdout
     first = (out / f"{names[0]}.png").read_bytes()
-    # Existing outputs are refused (nothing rewritten) unless --force; re-render is identical.
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    # The same command again skips every image (same seeds, same options: resume) ...
     r = cli("render", seeds_dir, "-o", out, "--model", model, "--class", "3", "--steps", "2",
+            "--grid")
+    assert "3 already there" in " ".join(r.stdout.split())
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == stamps
+    # ... other options are refused (nothing rewritten) unless --force; re-render is identical.
+    r = cli("render", seeds_dir, "-o", out, "--model", model, "--class", "4", "--steps", "2",
             expect=2)
-    assert_one_line_error(r, "exists", "--force")
+    assert_one_line_error(r, "exists", "condition 3 -> 4", "--force")
     cli("render", seeds_dir, "-o", out, "--model", model, "--class", "3", "--steps", "2",
         "--force")
     assert (out / f"{names[0]}.png").read_bytes() == first
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} != stamps
 
 
 def test_render_batch_file_and_json(cli, tmp_path, model):

@@ -22,12 +22,12 @@ def test_spacing_choices_and_default(cli, tmp_path):
     a, b = _pair(tmp_path)
     t = torch.linspace(0, 1, 5, dtype=torch.float64)
     cli("interpolate", tmp_path / "a.pt", tmp_path / "b.pt", "-o", tmp_path / "d.pt",
-        "--steps", "5")
+        "--points", "5")
     default, _ = load_latent(tmp_path / "d.pt")
     torch.testing.assert_close(default, nao(a, b, t, spacing=DEFAULT_SPACING))
     for name in SPACINGS:
         out = tmp_path / f"{name}.pt"
-        cli("interpolate", tmp_path / "a.pt", tmp_path / "b.pt", "-o", out, "--steps", "5",
+        cli("interpolate", tmp_path / "a.pt", tmp_path / "b.pt", "-o", out, "--points", "5",
             "--spacing", name)
         path, _ = load_latent(out)
         torch.testing.assert_close(path, nao(a, b, t, spacing=name))

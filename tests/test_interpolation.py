@@ -9,6 +9,8 @@ from itertools import pairwise
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from latentgeo.errors import InputError, ShapeError
 from latentgeo.interpolation import (
@@ -247,3 +249,39 @@ def test_default_frames_beat_the_paper_optimiser_off_the_shell():
     assert ours <= float(m.length(path))
     assert ours <= float(m.length(path[torch.linspace(0, 49, 9).round().long()]))
     assert ours <= float(m.length(resample_polyline(path, t, m)))
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(d=st.sampled_from([2, 3, 8, 64, 1024, 16384]), sa=st.floats(0.3, 1.7),
+       sb=st.floats(0.3, 1.7), theta=st.floats(0.0, math.pi),
+       spacing=st.sampled_from(list(SPACINGS)))
+def test_spacing_properties_over_dimension_norms_and_angle(d, sa, sb, theta, spacing):
+    """Property test over d (2 to 16384: no shell, tiny d through the origin, realistic d),
+    norms x0.3-1.7 of sqrt(d) and every angle in [0, pi] (radial, planar, antipodal): finite
+    frames, exact endpoints, every frame on the geodesic (triangle equality to 1e-3), frames in
+    order along it (NAO distance from a nondecreasing), batched == looped."""
+    r0 = math.sqrt(d)
+    a = torch.zeros(d, dtype=torch.float64)
+    b = torch.zeros(d, dtype=torch.float64)
+    a[0] = sa * r0
+    b[0] = sb * r0 * math.cos(theta)
+    b[1] += sb * r0 * math.sin(theta)
+    t = torch.linspace(0, 1, 7, dtype=torch.float64)
+    p = nao(a, b, t, spacing=spacing)
+    assert torch.isfinite(p).all()
+    assert torch.equal(p[0], a) and torch.equal(p[-1], b)
+    m = NAOMetric(d)
+    D = float(m.dist(a, b))
+
+    def dist(x, y):
+        return float(m.dist(x, y)) if bool((x != y).any()) else 0.0
+
+    from_a = [dist(a, q) for q in p[1:-1]]
+    to_b = [dist(q, b) for q in p[1:-1]]
+    assert max(abs(x + y - D) for x, y in zip(from_a, to_b)) <= 1e-3 * max(D, 1e-12)
+    assert all(x <= y * (1 + 1e-6) + 1e-12 for x, y in pairwise(from_a))
+    scale = float(p.abs().max())
+    for k in (1, 3, 5):
+        assert float((nao(a, b, t[k:k + 1], spacing=spacing)[0] - p[k]).abs().max()) \
+            <= 1e-9 * scale

@@ -275,7 +275,7 @@ def nao(x: torch.Tensor, weights: Sequence[float] | None = None, power: int = 1,
     (centroid, dict(objective, distances, iterations, gradient_norm)).
     """
     if power not in (1, 2):
-        raise InputError(f"--power {power}: choose 1 (paper objective) or 2 (Frechet mean)")
+        raise InputError(f"power {power}: choose 1 (paper objective) or 2 (Frechet mean)")
     x, w = _prepare(x, weights)
     if prior is None:
         prior = power == 1

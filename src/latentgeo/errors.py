@@ -14,7 +14,19 @@ class ShapeError(InputError):
 
 
 class OutputExistsError(LatentgeoError):
-    """An output path exists and overwriting was not requested (``--force``)."""
+    """An output path exists and overwriting was not requested.
+
+    ``path`` is set when passing ``force=True`` would replace it (the CLI then names its own
+    flag, ``--force``); None when the path cannot be replaced (a directory, say)."""
+
+    def __init__(self, message: str, path: object = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def exists_error(path: object) -> OutputExistsError:
+    """The library's refusal to replace an existing file ``path`` without ``force=True``."""
+    return OutputExistsError(f"{path}: exists (pass force=True to replace it)", path=path)
 
 
 class ModelError(LatentgeoError):

@@ -103,8 +103,9 @@ def load_image(path: str | os.PathLike, size: int | tuple[int, int], channels: i
                          f"the minimum {min_side}x{min_side}")
     if background is None:
         background = 0.0 if channels == 1 else 1.0
+    raw = np.asarray(pil) if pil.mode == "F" else None  # float pixels: check before clipping
     a = _to_float_array(pil, channels, background)          # (H0, W0, C) float32
-    bad = int((~np.isfinite(a)).sum())
+    bad = int((~np.isfinite(raw if raw is not None else a)).sum())
     if bad:
         raise InputError(f"{path}: image has {bad} pixel value(s) that are not numbers (NaN or "
                          "infinite)")

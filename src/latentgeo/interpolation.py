@@ -49,7 +49,7 @@ def _exact_ends(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Te
 def steps(n: int) -> torch.Tensor:
     """n equally spaced fractions 0, 1/(n-1), ..., 1 (float64); n >= 2."""
     if n < 2:
-        raise InputError(f"--steps {n}: need at least 2 points (the two endpoints)")
+        raise InputError(f"a path needs at least 2 points (the two endpoints), got {n}")
     return torch.linspace(0.0, 1.0, n, dtype=torch.float64)
 
 
@@ -123,7 +123,7 @@ def nao(a: torch.Tensor, b: torch.Tensor, t: Sequence[float] | torch.Tensor,
     The curve is the exact geodesic whatever the spacing; ``spacing`` (``SPACINGS``) only
     chooses where the frames sit on it: at fractions t of its Euclidean arc length
     (``'euclidean'``, default: frames spread along the content change; their polyline's true
-    NAO length stays within ~1.05x the geodesic distance off the shell), of its NAO arc length
+    NAO length stays within 1.1x the geodesic distance off the shell), of its NAO arc length
     (``'nao'``; off the chi shell this bunches the frames on the radial legs next to the
     endpoints), or of the angle from a (``'angle'``). ``n_grid``: segments of the planar
     solver (see ``metric``). Differentiable in a and b. Shapes (len(t), *a.shape).

@@ -48,7 +48,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from latentgeo.errors import InputError, LatentgeoError, OutputExistsError, ShapeError
+from latentgeo.errors import (
+    InputError,
+    LatentgeoError,
+    OutputExistsError,
+    ShapeError,
+    exists_error,
+)
 from latentgeo.limits import MAX_ELEMENTS
 
 LATENT_SUFFIXES = (".pt", ".safetensors")
@@ -82,6 +88,17 @@ def _overlaps(x: torch.Tensor) -> bool:
 def validate_latent(x: object, name: str) -> torch.Tensor:
     """``x`` as a latent (module docstring), detached and contiguous; ``InputError`` naming
     ``name`` otherwise. Checks that cost memory (finiteness) run only after the size checks."""
+    x = check_latent_layout(x, name).detach().contiguous()
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise InputError(f"{name}: tensor has {bad} NaN or infinite entries")
+    return x
+
+
+def check_latent_layout(x: object, name: str) -> torch.Tensor:
+    """The checks of :func:`validate_latent` that read no values (type, layout, device,
+    dtype, size, overlap), so a memory-mapped batch file is checked without paging it in."""
     if not isinstance(x, torch.Tensor):
         raise InputError(f"{name}: holds {type(x).__name__}, not a tensor")
     if type(x) is not torch.Tensor:
@@ -105,11 +122,6 @@ def validate_latent(x: object, name: str) -> torch.Tensor:
     if _overlaps(x):
         raise InputError(f"{name}: tensor of shape {tuple(x.shape)} repeats its memory (an "
                          "expanded view); save tensor.contiguous()")
-    x = x.detach().contiguous()
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise InputError(f"{name}: tensor has {bad} NaN or infinite entries")
     return x
 
 
@@ -298,7 +310,8 @@ def publish(tmp: Path, path: Path, force: bool = False) -> None:
     ``force``: atomic rename over whatever is there. Otherwise never replace: a hard link
     fails if ``path`` exists (two writers racing for one new name: exactly one wins); where
     hard links are unsupported, the name is first created exclusively, then renamed over.
-    Raises ``OutputExistsError`` when the name is taken; ``tmp`` is consumed on success.
+    Raises ``OutputExistsError`` (:func:`~latentgeo.errors.exists_error`) when the name is
+    taken; ``tmp`` is consumed on success.
     """
     if force:
         os.replace(tmp, path)
@@ -306,14 +319,14 @@ def publish(tmp: Path, path: Path, force: bool = False) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise OutputExistsError(f"{path}: exists (use --force to overwrite)") from None
+        raise exists_error(path) from None
     except OSError as e:
         if e.errno not in _NO_HARD_LINKS:
             raise
         try:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         except FileExistsError:
-            raise OutputExistsError(f"{path}: exists (use --force to overwrite)") from None
+            raise exists_error(path) from None
         try:
             os.replace(tmp, path)
         except BaseException:
@@ -342,44 +355,74 @@ def all_or_nothing() -> Iterator[None]:
     """Make every :func:`atomic_write` in the block part of one output: temporary files are
     written as the block runs and published (in order) only when it ends without an exception.
     If the block or a publication fails (or is interrupted), every temporary file is deleted,
-    every file the block already published is removed again, and folders it created are
-    removed when empty: nothing of the output is left. (With ``force``, a file that was
-    replaced cannot be brought back; the others are still removed.) Nested blocks join the
-    outer one."""
+    every file the block already published is removed again (a file it replaced under
+    ``force`` is put back from a hard-linked backup), and folders it created are removed when
+    empty: nothing of the output is left. Nested blocks join the outer one."""
     if _PENDING.get() is not None:
         yield
         return
     pending = _Pending()
     token = _PENDING.set(pending)
-    published: list[Path] = []
+    published: list[tuple[Path, Path | None]] = []  # (target, backup of what it replaced)
     try:
         try:
             yield
         finally:
             _PENDING.reset(token)
         for tmp, target, force in pending.items:
-            publish(tmp, target, force)
-            published.append(target)
+            backup = _backup(target) if force else None
+            try:
+                publish(tmp, target, force)
+            except BaseException:
+                if backup is not None:
+                    with contextlib.suppress(OSError):
+                        backup.unlink()
+                raise
+            published.append((target, backup))
     except BaseException:
         for tmp, _, _ in pending.items:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        for target in published:
+        for target, backup in reversed(published):
             with contextlib.suppress(OSError):
-                target.unlink()
+                if backup is not None:
+                    os.replace(backup, target)
+                else:
+                    target.unlink()
         for d in reversed(pending.dirs):
             with contextlib.suppress(OSError):
                 d.rmdir()
         raise
+    for _, backup in published:
+        if backup is not None:
+            with contextlib.suppress(OSError):
+                backup.unlink()
+
+
+def _backup(target: Path) -> Path | None:
+    """A hidden hard link to the file ``target`` before it is replaced (None when there is no
+    such file or the file system cannot link: then a rollback cannot restore it)."""
+    if not target.is_file():
+        return None
+    bak = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        os.link(target, bak)
+    except OSError:
+        return None
+    return bak
 
 
 def _make_parents(folder: Path) -> list[Path]:
-    """``mkdir -p folder``; returns the folders it created, outermost first."""
+    """``mkdir -p folder``; returns the folders it created, outermost first. A file where a
+    folder is needed is an ``OutputExistsError`` naming it."""
     missing = []
     p = folder
     while not p.exists() and p != p.parent:
         missing.append(p)
         p = p.parent
+    if p.exists() and not p.is_dir():
+        raise OutputExistsError(f"{p}: is a file, not a folder, so nothing can be written "
+                                "inside it")
     folder.mkdir(parents=True, exist_ok=True)
     return missing[::-1]
 
@@ -394,7 +437,7 @@ def atomic_write(path: Path, write: Callable[[Path], None], force: bool = False)
     """
     path = Path(path)
     if path.exists() and not force:
-        raise OutputExistsError(f"{path}: exists (use --force to overwrite)")
+        raise exists_error(path)
     if path.is_dir():
         raise OutputExistsError(f"{path}: is a directory")
     pending = _PENDING.get()
@@ -403,7 +446,10 @@ def atomic_write(path: Path, write: Callable[[Path], None], force: bool = False)
     created = _make_parents(path.parent)
     if pending is not None:
         pending.dirs.extend(created)
-    tmp = _create_temp_beside(path)
+    try:
+        tmp = _create_temp_beside(path)
+    except OSError as e:
+        raise _about(e, path) from None
     try:
         mode = tmp.stat().st_mode & 0o777
         write(tmp)
@@ -413,15 +459,22 @@ def atomic_write(path: Path, write: Callable[[Path], None], force: bool = False)
             pending.items.append((tmp, path, force))
             return path
         publish(tmp, path, force)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
         if pending is None:
             for d in reversed(created):
                 with contextlib.suppress(OSError):
                     d.rmdir()
+        if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
+            raise _about(e, path) from None
         raise
     return path
+
+
+def _about(e: OSError, path: Path) -> OSError:
+    """The OS error ``e`` about the output ``path`` (not its hidden temporary file)."""
+    return type(e)(e.errno, e.strerror or str(e), str(path)) if e.errno else e
 
 
 def save_latent(path: str | os.PathLike, x: torch.Tensor, metadata: dict[str, str] | None = None,
@@ -518,5 +571,5 @@ def save_latent_set(out: str | os.PathLike, x: torch.Tensor, names: Sequence[str
     if not force:
         clash = [t for t in targets if t.exists()]
         if clash:
-            raise OutputExistsError(f"{clash[0]}: exists (use --force to overwrite)")
+            raise exists_error(clash[0])
     return [save_latent(t, row, metadata, force=force) for t, row in zip(targets, x)]

@@ -44,7 +44,8 @@ def plot_gaussianity(z: torch.Tensor, path: str | os.PathLike, title: str | None
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise InputError("--plot needs matplotlib (pip install 'latentgeo[plot]')") from None
+        raise InputError("plots need matplotlib, which is not installed (pip install "
+                         "'latentgeo[plot]')") from None
     report = gaussianity_stats(z)
     x = z.detach().to(torch.float64).cpu().flatten().numpy()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))

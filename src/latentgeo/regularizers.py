@@ -8,7 +8,17 @@ its typical value on a fresh ``randn`` latent, which is where the optimiser shou
 
 From Hwang, Kim, Sung (NeurIPS 2025, arXiv 2509.07027): ``moment``, ``spectral`` and their
 combination ``moment+spectral`` (spectral weight 25); the baselines it unifies: ``kl``,
-``kurtosis``, ``norm`` (ReNO) and ``covariance`` (DNO-style, quadratic cost).
+``kurtosis``, ``norm`` (ReNO) and ``covariance`` (DNO-style, quadratic cost). Beside them,
+transcribed as their authors define them: ``dno`` (DNO's probability regulariser, Tang et al.
+2024, code TZW1998/Direct-Noise-Optimization ``compute_probability_regularization``) and
+``mpgr`` (the paper's regulariser exactly: moments {1, 2} + 25 x spectral on randomly permuted
+entries, blocks of 16 DFT magnitudes). ``none`` is the zero regulariser (the unregularised
+baseline of ``latentgeo.optimize``).
+
+The random ones (``dno``, ``mpgr``) take a ``generator`` for their permutations; without one
+they draw from a fresh generator seeded with ``seed`` (default 0), so a call is a deterministic
+function of z. The optimiser passes a generator per iteration (the authors draw fresh
+permutations at every call).
 
 Deviation from the paper: the paper's spectral term shuffles the entries before a 1-D FFT. A
 random permutation destroys exactly the spatial structure we want to detect: a blurred field
@@ -130,6 +140,83 @@ def moment_spectral(z: torch.Tensor, weight: float = SPECTRAL_WEIGHT) -> torch.T
     return moment(z) + weight * spectral(z)
 
 
+def _permutation(n: int, generator: torch.Generator | None, seed: int) -> torch.Tensor:
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)
+
+
+def _dno_log_prob(v: torch.Tensor, k: int) -> torch.Tensor:
+    """DNO's log p_mean + log p_cov of orderings v (P, N k), each as N blocks of k -> (P,)."""
+    n = v.shape[-1] // k
+    blocks = v.reshape(v.shape[0], n, k)
+    m = blocks.mean(1)  # (P, k) mean over blocks
+    scaled = blocks / math.sqrt(n)
+    c = scaled.transpose(1, 2) @ scaled  # (P, k, k) uncentred second moment
+    eye = torch.eye(k, dtype=v.dtype, device=v.device)
+    dev = torch.linalg.matrix_norm(c - eye, ord=2)  # spectral norm
+    log_mean = torch.clamp(-n * (m * m).sum(-1) / (2 * k), max=-math.log(2))
+    excess = torch.clamp(torch.sqrt(1 + dev) - 1 - math.sqrt(k / n), min=0)
+    log_cov = torch.clamp(-n * excess ** 2 / 2, max=-math.log(2))
+    return log_mean + log_cov
+
+
+def dno(z: torch.Tensor, k: int = 4, permutations: int = 100,
+        generator: torch.Generator | None = None, seed: int = 0) -> torch.Tensor:
+    """DNO's probability regulariser (Tang et al. 2024, "Inference-time alignment of diffusion
+    models with direct noise optimization", Sec. 4 and ``compute_probability_regularization``).
+
+    The flattened z (d entries) is cut into N = d // k blocks of k (a tail of d mod k entries
+    is dropped; DNO assumes k | d). With m = mean over blocks (k,) and C = (1/N) sum_b x_b x_b^T
+    (uncentred k x k second moment), the concentration bounds for N(0, I) give
+    log p_mean = min(-N |m|^2 / (2k), -log 2) and
+    log p_cov = min(-N max(sqrt(1 + ||C - I||_2) - 1 - sqrt(k / N), 0)^2 / 2, -log 2).
+    Returns -(sum of both for the natural order + their mean over ``permutations`` random
+    orderings), all orderings evaluated as one batch. z: any shape -> scalar. Floor: 4 log 2
+    ~ 2.77 (both clamps active), reached by noise most of the time; zero gradient there (the
+    bounds are only a penalty once exceeded).
+    """
+    x = _geom(z).flatten()
+    d = x.numel()
+    if k < 1 or d // k < 1:
+        raise InputError(f"dno needs at least one block of k = {k} entries, got {d}")
+    used = (d // k) * k
+    orders = [torch.arange(d)]
+    if permutations > 0:
+        g = generator if generator is not None else torch.Generator().manual_seed(seed)
+        orders += [torch.randperm(d, generator=g) for _ in range(permutations)]
+    index = torch.stack(orders)[:, :used].to(x.device)
+    lp = _dno_log_prob(x[index], k)
+    total = lp[0] + lp[1:].mean() if permutations > 0 else lp[0]
+    return -total
+
+
+def mpgr(z: torch.Tensor, block: int = 16, weight: float = SPECTRAL_WEIGHT,
+         generator: torch.Generator | None = None, seed: int = 0) -> torch.Tensor:
+    """MPGR exactly as the paper defines it (Hwang, Kim, Sung 2025): moment orders {1, 2}
+    (``moment(z, orders=2)``) plus ``weight`` (25) x the spectral term on randomly permuted
+    entries: x = z flattened (d,) and permuted, X = FFT(x) (d complex bins), magnitudes
+    |X_k| / sqrt(d) grouped in order into blocks of ``block`` (16; a short last block averages
+    what it has), loss = mean over blocks of | block mean - sqrt(pi)/2 | (Rayleigh mean).
+
+    No second-moment term and no natural layout (compare ``spectral``/``moment+spectral``, the
+    module docstring says why those differ). z: any shape -> scalar. Floor on d = 1024 noise:
+    ~ 0.03 + 25 x 0.093 ~ 2.4 (block means of 16 Rayleigh magnitudes, sd 0.463 / 4).
+    """
+    x = _geom(z).flatten()
+    d = x.numel()
+    perm = _permutation(d, generator, seed).to(x.device)
+    f = torch.fft.fft(x[perm])
+    e = eps(x.dtype)
+    mag = (f.real ** 2 + f.imag ** 2 + e * e).sqrt() / math.sqrt(d)
+    spec = _block_l1(mag, torch.full_like(mag, RAYLEIGH_MEAN), block)
+    return moment(x, orders=2) + weight * spec
+
+
+def zero(z: torch.Tensor) -> torch.Tensor:
+    """The zero regulariser (``none``): 0 in z's geometry dtype, graph attached to z."""
+    return (_geom(z) * 0).sum()
+
+
 def kl(z: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, s^2) || N(0, 1)) = (mu^2 + s^2 - 1 - log s^2) / 2 of the entries' mean and
     variance (the KL baseline). Floor ~ 1/d (E: (1/d + 1/d)/2 ... = 1/d)."""
@@ -208,7 +295,13 @@ REGULARIZERS: dict[str, Regularizer] = {
     "kurtosis": kurtosis,
     "norm": norm,
     "covariance": covariance,
+    "dno": dno,
+    "mpgr": mpgr,
+    "none": zero,
 }
+
+#: Regularisers that take ``generator=`` (random permutations).
+RANDOMISED: frozenset[str] = frozenset({"dno", "mpgr"})
 
 
 def get_regularizer(name: str) -> Regularizer:

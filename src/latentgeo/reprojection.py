@@ -34,8 +34,9 @@ from latentgeo.gaussianity import (
 from latentgeo.numerics import geometry_dtype
 from latentgeo.regularizers import REGULARIZERS, get_regularizer
 
-#: Methods accepted by ``reproject``: every regulariser, plus the closed-form ``fast``.
-METHODS: tuple[str, ...] = ("fast", *REGULARIZERS)
+#: Methods accepted by ``reproject``: every regulariser but ``none``, plus the closed-form
+#: ``fast``.
+METHODS: tuple[str, ...] = ("fast", *(n for n in REGULARIZERS if n != "none"))
 
 
 @dataclass(frozen=True)

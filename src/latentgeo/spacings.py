@@ -9,11 +9,12 @@ free of torch so help text can list the names without importing it). The formula
 
 Why Euclidean is the default: off the chi shell (norms x0.8 and x1.2, as inverted seeds are) the
 geodesic dives radially to the shell, follows it, and climbs out; NAO weight is huge off the
-shell, so equal NAO arc length puts almost every frame on the two radial legs (7 of 9 frames
-within 0.02% of the angle to one endpoint at d = 16384) and the frames' polyline is 12-31x
-longer than the geodesic in true NAO length. Equal Euclidean arc length spreads the frames
-along the content change (the angle) and its 9-frame polyline is within 1.1x of the geodesic
-(``benchmarks/bench_geometry.py``).
+shell, so equal NAO arc length puts almost every frame on the two radial legs (6 or 7 of the 7
+interior frames of 9 within 0.02% of the angle to an endpoint at d = 16384) and the frames'
+polyline is several times longer than the geodesic in true NAO length (3.6-18x measured).
+Equal Euclidean arc length spreads the frames along the content change (the angle) and its
+9-frame polyline is within 1.1x of the geodesic (1.03-1.07x at d = 1024-65536;
+``benchmarks/bench_geometry.py``, ``docs/geometry.md``).
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ def train_tokens(backend: Any, images: torch.Tensor, conditions: Sequence[Any],
                 value = agsm_loss(pos, neg, t_pos, t_neg)
             if not torch.isfinite(value):
                 raise ModelError(f"soft-token training diverged at step {step + 1} (loss "
-                                 f"{value.item()}); lower --lr")
+                                 f"{value.item()}); use a lower learning rate")
             value.backward()
             optimizer.step()
             if ema is not None:

@@ -36,6 +36,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("centroid", "centroid", "centroid"),
     ("stats", "stats", "stats"),
     ("reproject", "reproject", "reproject"),
+    ("optimize", "optimize", "optimize"),
+    ("manifest", "manifest", "manifest"),
     ("align", "align", "align"),
 ]
 

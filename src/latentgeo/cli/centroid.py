@@ -21,13 +21,16 @@ from latentgeo.cli.options import (
     Dtype,
     Force,
     Guidance,
+    Height,
     Json,
     MaxIters,
     Model,
+    Offload,
     OutputFile,
     Prompt,
     Render,
     Steps,
+    Width,
     method_option,
 )
 
@@ -109,6 +112,9 @@ def centroid(
     steps: Steps = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    height: Height = None,
+    width: Width = None,
+    offload: Offload = False,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -118,7 +124,13 @@ def centroid(
     --steps diffusion steps, plus grid.png: the centroid beside the inputs' images.
     """
     from latentgeo.centroids import CENTROIDS
-    from latentgeo.cli.common import ZERO_RMS, refuse_non_finite, refuse_zero, rms
+    from latentgeo.cli.common import (
+        ZERO_RMS,
+        numbers_in_range,
+        refuse_non_finite,
+        refuse_zero,
+        rms,
+    )
     from latentgeo.cli.rendering import prepare_render
     from latentgeo.errors import InputError
     from latentgeo.io import (
@@ -143,21 +155,25 @@ def centroid(
             refuse_zero(xi, name, what)
     job = prepare_render(render, tuple(x.shape[1:]), ["centroid", *names], model, device,
                          dtype, prompt, class_label, steps, guidance, grid=True,
-                         force=force, quiet=json)
-    c = compute_centroid(x, method, w, power, max_iters)
+                         force=force, quiet=json, height=height, width=width,
+                         offload=offload)
+    with numbers_in_range(f"the {method} centroid", x):
+        c = compute_centroid(x, method, w, power, max_iters)
     refuse_non_finite(c, f"the {method} centroid")
     if rms(c) < ZERO_RMS:
         raise InputError(f"the {method} centroid of these latents is the zero latent (they "
                          "cancel out), which is no seed; nothing was written")
-    summary = summarize(c, x, names, method, w, power)
+    with numbers_in_range(f"the {method} centroid's NAO distances", x):
+        summary = summarize(c, x, names, method, w, power)
     rows = []
     if all_methods:
         cap = max_iters or ALL_METHODS_REFERENCE_ITERS
         for name in CENTROIDS:
             start = time.perf_counter()
-            cc = compute_centroid(x, name, w, power, cap)
-            ms = 1e3 * (time.perf_counter() - start)
-            s = summarize(cc, x, names, name, w, power)
+            with numbers_in_range(f"--all-methods: the {name} centroid", x):
+                cc = compute_centroid(x, name, w, power, cap)
+                ms = 1e3 * (time.perf_counter() - start)
+                s = summarize(cc, x, names, name, w, power)
             rows.append({"method": name, "norm": s["norm"], "nao_objective": s["nao_objective"],
                          "mean_distance": _mean(list(s["distances"].values())), "ms": ms})
         summary["all_methods"] = rows

@@ -145,6 +145,16 @@ def _first_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
+def cli_message(e: LatentgeoError) -> str:
+    """A library error in the CLI's words: the library names arguments (``force=True``), the
+    CLI names its flags (``--force``)."""
+    from latentgeo.errors import OutputExistsError
+
+    if isinstance(e, OutputExistsError) and getattr(e, "path", None) is not None:
+        return f"{e.path}: exists (use --force to overwrite)"
+    return str(e).replace("force=True", "--force")
+
+
 def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command so that nothing but one line reaches the user when it fails.
 
@@ -166,10 +176,11 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except LatentgeoError as e:
             if debug():
                 raise
-            print(f"error: {one_line(str(e))}", file=sys.stderr)
+            print(f"error: {one_line(cli_message(e))}", file=sys.stderr)
             raise typer.Exit(2) from None
         except OSError as e:
-            if debug():
+            # a closed pipe (`latentgeo stats ... | head`) is Typer's quiet exit, not an error
+            if debug() or isinstance(e, BrokenPipeError):
                 raise
             print(f"error: {one_line(os_error_line(e))}", file=sys.stderr)
             raise typer.Exit(2) from None
@@ -185,6 +196,14 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Terminated:
             print("error: terminated", file=sys.stderr)
             raise typer.Exit(143) from None
+        except (typer.Exit, typer.Abort, typer.TyperException):  # Typer's own control flow
+            raise
+        except Exception as e:  # a bug: still one line, and exit 1 (not a refusal)
+            if debug():
+                raise
+            print(f"error: unexpected {type(e).__name__}: {one_line(_first_line(str(e)))} "
+                  "(a bug; LATENTGEO_DEBUG=1 shows the traceback)", file=sys.stderr)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -209,6 +228,20 @@ def refuse_zero(x: Any, name: str, what: str) -> None:
         kind = "the zero latent" if r == 0 else f"a latent of almost zero norm ({r:.3g} per entry)"
         raise InputError(f"{name}: is {kind}; {what} needs a direction, and a seed's entries "
                          "are about 1 in size")
+
+
+@contextmanager
+def numbers_in_range(what: str, x: Any) -> Iterator[None]:
+    """Turn the math core's arithmetic failures on absurd inputs (ValueError: math domain
+    error, OverflowError, ...) into one InputError about ``what`` and the inputs' size."""
+    from latentgeo.errors import InputError
+
+    try:
+        yield
+    except (ValueError, OverflowError, ZeroDivisionError, FloatingPointError) as e:
+        raise InputError(f"{what} cannot be computed for these latents ({_first_line(str(e))}; "
+                         f"entries up to {float(x.detach().abs().max()):.3g}, where a seed's "
+                         "are about 1)") from None
 
 
 def refuse_non_finite(x: Any, what: str) -> None:
@@ -266,8 +299,10 @@ def fmt(v: Any) -> str:
 @contextmanager
 def progress_bar(description: str, total: int, quiet: bool = False
                  ) -> Iterator[Callable[..., None]]:
-    """Yield a ``callback(advance=1)`` that drives one Rich bar on stderr."""
-    if quiet:
+    """Yield a ``callback(advance=1)`` that drives one Rich bar on stderr. No bar when
+    ``quiet`` or when stderr is not a terminal (a log file or pipe gets no bar and no blank
+    line, so errors stay one line)."""
+    if quiet or not err_console.is_terminal:
         yield lambda *a, **k: None
         return
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),

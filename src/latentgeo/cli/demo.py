@@ -9,7 +9,18 @@ from typing import Annotated, Any
 import typer
 
 from latentgeo.cli.common import print_json, print_table
-from latentgeo.cli.options import MAX_STEPS, Device, Dtype, Force, Json, Model, Seed
+from latentgeo.cli.options import (
+    MAX_STEPS,
+    Device,
+    Dtype,
+    Force,
+    Height,
+    Json,
+    Model,
+    Offload,
+    Seed,
+    Width,
+)
 from latentgeo.errors import InputError
 
 #: Iteration cap for the papers' optimisers with --reference (their default is 10,000).
@@ -34,6 +45,9 @@ def demo(
         f"{REFERENCE_ITERS} iterations (slow: tens of seconds).")] = False,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    height: Height = None,
+    width: Width = None,
+    offload: Offload = False,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -67,7 +81,7 @@ def demo(
     targets += [out / f"interpolation-{m}.gif" for m in interpolators]
     check_targets(targets, force)
 
-    backend = load_model(model, device, dtype)
+    backend = load_model(model, device, dtype, height=height, width=width, offload=offload)
     shape = backend.latent_shape
     d = int(torch.Size(shape).numel())
     mode = chi.mode(d)

@@ -20,16 +20,19 @@ from latentgeo.cli.options import (
     Force,
     Format,
     Guidance,
+    Height,
     InterpolationMethod,
     Json,
     MaxIters,
     Model,
+    Offload,
     Output,
     Points,
     Prompt,
     Render,
     Spacing,
     Steps,
+    Width,
     method_option,
 )
 from latentgeo.spacings import DEFAULT_SPACING, SPACINGS
@@ -103,6 +106,9 @@ def interpolate(
     steps: Steps = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    height: Height = None,
+    width: Width = None,
+    offload: Offload = False,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -112,11 +118,14 @@ def interpolate(
     (step000.safetensors ...). --render DIR also renders every point with --model and --steps
     diffusion steps (step000.png ...), a strip.png and an animated path.gif.
     """
-    from latentgeo.cli.common import refuse_non_finite, refuse_zero
+    import torch
+
+    from latentgeo.cli.common import numbers_in_range, refuse_non_finite, refuse_zero
     from latentgeo.cli.rendering import prepare_render
-    from latentgeo.errors import ShapeError
+    from latentgeo.errors import InputError, ShapeError
     from latentgeo.interpolation import INTERPOLATORS
     from latentgeo.io import all_or_nothing, load_latent, save_latent_set
+    from latentgeo.limits import MAX_ELEMENTS
 
     xa, _ = load_latent(a)
     xb, _ = load_latent(b)
@@ -126,12 +135,20 @@ def interpolate(
         what = "--all-methods" if method == "lerp" else f"{method} interpolation"
         refuse_zero(xa, str(a), what)
         refuse_zero(xb, str(b), what)
+    if points * xa.numel() > MAX_ELEMENTS:
+        raise InputError(f"--points {points}: a path of {points} latents of shape "
+                         f"{tuple(xa.shape)} would hold {points * xa.numel():,} numbers; the "
+                         f"limit is {MAX_ELEMENTS:,}")
     names = [f"step{i:03d}" for i in range(points)]
     job = prepare_render(render, tuple(xa.shape), names, model, device, dtype, prompt,
-                         class_label, steps, guidance, strip=True, force=force, quiet=json)
-    path = compute_path(xa, xb, method, points, spacing, max_iters)
+                         class_label, steps, guidance, strip=True, force=force, quiet=json,
+                         height=height, width=width, offload=offload)
+    ends = torch.stack([xa, xb])
+    with numbers_in_range(f"the {method} path", ends):
+        path = compute_path(xa, xb, method, points, spacing, max_iters)
     refuse_non_finite(path, f"the {method} path")
-    summary = summarize(path, xa, xb, method)
+    with numbers_in_range(f"the {method} path's NAO length", ends):
+        summary = summarize(path, xa, xb, method)
     rows = []
     if all_methods:
         from latentgeo.metric import NAOMetric
@@ -140,13 +157,14 @@ def interpolate(
         cap = max_iters or ALL_METHODS_REFERENCE_ITERS
         for name in INTERPOLATORS:
             start = time.perf_counter()
-            p = compute_path(xa, xb, name, points, spacing, cap)
-            ms = 1e3 * (time.perf_counter() - start)
-            norms = p.flatten(1).double().norm(dim=1)
-            rows.append({"method": name, "min_norm": float(norms.min()),
-                         "max_norm": float(norms.max()),
-                         "nao_length": _fine_length(name, xa, xb, spacing, metric, cap),
-                         "ms": ms})
+            with numbers_in_range(f"--all-methods: the {name} path", ends):
+                p = compute_path(xa, xb, name, points, spacing, cap)
+                ms = 1e3 * (time.perf_counter() - start)
+                norms = p.flatten(1).double().norm(dim=1)
+                rows.append({"method": name, "min_norm": float(norms.min()),
+                             "max_norm": float(norms.max()),
+                             "nao_length": _fine_length(name, xa, xb, spacing, metric, cap),
+                             "ms": ms})
         summary["all_methods"] = rows
     meta = {"method": method, "points": str(points), "a": str(a), "b": str(b)}
     with all_or_nothing():  # the path and its renders appear together or not at all

@@ -6,11 +6,11 @@ import glob
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from latentgeo.cli.common import print_json, print_table, progress_bar
+from latentgeo.cli.common import print_json, print_table
 from latentgeo.cli.options import (
     BatchSize,
     ClassLabel,
@@ -18,14 +18,18 @@ from latentgeo.cli.options import (
     Dtype,
     Force,
     Format,
+    Height,
     Json,
     Model,
+    Offload,
     Prompt,
+    Shard,
     Steps,
+    Width,
     finite,
 )
 from latentgeo.cli.soft_tokens import SoftTokensFile, read_soft_tokens, use_soft_tokens
-from latentgeo.errors import InputError, LatentgeoError, OutputExistsError
+from latentgeo.errors import InputError, OutputExistsError
 
 _GLOB_CHARS = "*?["
 
@@ -81,22 +85,26 @@ def invert(
         "--guidance", callback=finite, help="Classifier-free guidance scale during inversion "
         "(1 = none, the invertible default).")] = 1.0,
     fixed_point: Annotated[int, typer.Option(
-        "--fixed-point", min=0, help="Fixed-point iterations per step (0 = plain DDIM "
+        "--fixed-point", min=0, max=1000, help="Fixed-point iterations per step (0 = plain DDIM "
         "inversion).")] = 3,
     tol: Annotated[float | None, typer.Option(
         "--tol", min=0.0, callback=finite, help="Stop a sample's iterations once its RMS "
         "step residual is below this (default 1e-5).")] = None,
     anderson: Annotated[int, typer.Option(
-        "--anderson", min=0, help="Anderson acceleration depth of the fixed-point iteration "
-        "(0 = plain iteration).")] = 2,
+        "--anderson", min=0, max=100, help="Anderson acceleration depth of the fixed-point "
+        "iteration (0 = plain iteration).")] = 2,
     check: Annotated[bool, typer.Option(
         "--check", help="Render each seed back and report latent round-trip error and "
         "PSNR.")] = False,
     fmt: Format = "safetensors",
     batch_size: BatchSize = 16,
+    shard: Shard = None,
     soft_tokens: SoftTokensFile = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    height: Height = None,
+    width: Width = None,
+    offload: Offload = False,
     force: Force = False,
     json: Json = False,
 ) -> None:
@@ -107,104 +115,75 @@ def invert(
     scaled by 65535; transparency composited on black for 1-channel models, white for RGB;
     centre-crop to the aspect ratio, Lanczos resize). Unreadable files are reported by name and
     skipped; the good ones are still written, and the exit status is 2.
-    """
-    import torch
 
-    from latentgeo import __version__
-    from latentgeo.chi import norm_z_scores
+    Into a folder, images stream through in chunks of --batch-size and each seed is written
+    when its chunk is done, with its provenance inside. A re-run skips seeds already there from
+    the same image and options (so an interrupted run resumes), refuses ones made otherwise
+    (--force redoes them), and logs every image in OUTPUT/manifest-*.jsonl. Under torchrun or
+    accelerate launch each process inverts its own share; --shard I/N splits the work for job
+    arrays.
+    """
+    from latentgeo.cli.jobrun import invert_job, summary_rows, this_process
     from latentgeo.cli.rendering import condition_from
     from latentgeo.diffusion import load_model
-    from latentgeo.diffusion.inversion import check_roundtrip, invert_images
-    from latentgeo.images import load_image
-    from latentgeo.io import output_is_dir, save_latent
+    from latentgeo.io import output_is_dir
 
+    launch, my_shard, my_device = this_process(shard, device)
     paths, problems = expand_image_inputs(images)
     to_dir = output_is_dir(output)
     names = _unique_names(paths)
-    suffix = f".{fmt}"
-    targets = [output / f"{n}{suffix}" for n in names] if to_dir else [output]
     if to_dir and output.exists() and not output.is_dir():
         raise OutputExistsError(f"{output}: exists and is not a directory")
-    if not force:
-        for t in targets:
-            if t.exists():
-                raise OutputExistsError(f"{t}: exists (use --force to overwrite)")
-
-    tokens = read_soft_tokens(soft_tokens)
-    backend = load_model(model, device, dtype) if paths or not problems else None
-    if backend is not None:
-        use_soft_tokens(backend, tokens, soft_tokens)
-    good: list[tuple[Path, str, Path, Any]] = []
-    for p, name, target in zip(paths, names, targets if to_dir else [output] * len(paths)):
-        if backend is None:
-            break
-        try:
-            img = load_image(p, backend.image_size, backend.image_channels)
-        except LatentgeoError as e:
-            problems.append(str(e))
-            continue
-        good.append((p, name, target, img))
-    if not good:
+    if not paths:
         if len(problems) == 1:
             raise InputError(problems[0])
         for msg in problems:
             print(f"skipped: {msg}", file=sys.stderr)
         raise InputError(f"none of the {len(problems)} input(s) could be read")
+    tokens = read_soft_tokens(soft_tokens)  # a bad token file fails before the model loads
+    backend = load_model(model, my_device, dtype, height=height, width=width, offload=offload)
+    use_soft_tokens(backend, tokens, soft_tokens)
     condition = condition_from(backend, prompt, class_label)
-    n_steps = backend.default_steps if steps is None else int(steps)
-    batch = torch.stack([g[3] for g in good])
-    n_chunks = -(-batch.shape[0] // batch_size)
-    with progress_bar(f"inverting {batch.shape[0]} image(s)", n_chunks * n_steps,
-                      quiet=json) as advance:
-        result = invert_images(backend, batch, condition=condition, steps=n_steps,
-                               guidance=guidance, fixed_point_iters=fixed_point, tol=tol,
-                               anderson=anderson, batch_size=batch_size, callback=advance)
-    trip = None
-    if check:
-        with progress_bar(f"rendering {batch.shape[0]} seed(s) back", n_chunks * n_steps,
-                          quiet=json) as advance:
-            trip = check_roundtrip(backend, result.seeds, result.x0, batch,
-                                   condition=condition, steps=n_steps, guidance=guidance,
-                                   batch_size=batch_size, callback=advance)
-
-    method = "ddim" if fixed_point == 0 else f"ddim-fixed-point-{fixed_point}"
-    meta = {"model": backend.name, "family": backend.family, "steps": str(n_steps),
-            "guidance": str(guidance), "method": method, "fixed_point_iters": str(fixed_point),
-            "anderson": str(anderson),
-            "tol": str(tol if tol is not None else 1e-5), "latentgeo": __version__}
-    if prompt is not None:
-        meta["prompt"] = prompt
-    if class_label is not None:
-        meta["class"] = str(class_label)
-    if to_dir:
-        written = [save_latent(target, result.seeds[i], {**meta, "source": str(p)}, force=force)
-                   for i, (p, _, target, _) in enumerate(good)]
-    else:
-        import json as _json
-        sources = _json.dumps([str(g[0]) for g in good])
-        written = [save_latent(output, result.seeds, {**meta, "source": sources}, force=force)]
-
-    z = norm_z_scores(result.seeds)
-    norms = result.seeds.flatten(1).double().norm(dim=1)
-    rows = []
-    for i, (p, _name, _target, _) in enumerate(good):
-        row = {"image": str(p), "seed": str(written[i] if to_dir else f"{written[0]}[{i}]"),
-               "norm": float(norms[i]), "chi_z": float(z[i]), "nfe": int(result.nfe[i]),
-               "max_step_residual": float(result.max_residual[i])}
-        if trip is not None:
-            row["latent_rmse"] = float(trip.latent_rmse[i])
-            row["psnr_db"] = float(trip.psnr[i])
-        rows.append(row)
-    if json:
-        print_json({"model": backend.name, "steps": n_steps, "guidance": guidance,
-                    "method": method, "results": rows, "skipped": problems})
-    else:
-        cols = ["image", "seed", "norm", "chi z", "NFE"] + (
-            ["latent RMSE", "PSNR dB"] if trip is not None else [])
-        table = [[r["image"], r["seed"], r["norm"], r["chi_z"], r["nfe"]]
-                 + ([r["latent_rmse"], r["psnr_db"]] if trip is not None else []) for r in rows]
-        print_table(f"{len(rows)} image(s) inverted ({method}, {n_steps} steps)", cols, table)
-    if problems:
-        for msg in problems:
+    result, header = invert_job(
+        backend, paths, names, output, to_dir=to_dir, suffix=f".{fmt}", condition=condition,
+        prompt=prompt, class_label=class_label, steps=steps, guidance=guidance,
+        fixed_point=fixed_point, tol=tol, anderson=anderson, check=check,
+        batch_size=batch_size, force=force, quiet=json, keep_rows=json, shard=my_shard,
+        launch=launch)
+    rep = result.report
+    skipped = problems + [why if why.startswith(it.source) else f"{it.source}: {why}"
+                          for it, why in rep.failed]
+    if not rep.n_done and not rep.skipped and skipped and launch.world_size == 1:
+        if len(skipped) == 1:
+            raise InputError(skipped[0])
+        for msg in skipped:
             print(f"skipped: {msg}", file=sys.stderr)
-        raise InputError(f"{len(problems)} input(s) skipped, {len(good)} seed(s) written")
+        raise InputError(f"none of the {len(skipped)} input(s) could be read")
+    rows = [r for r in result.rows if not r.get("skipped")]
+    if json:
+        print_json({**header, "results": rows, "skipped": skipped,
+                    "resumed": [r["seed"] for r in result.rows if r.get("skipped")],
+                    "shard": [my_shard.index, my_shard.count]})
+    else:
+        title = (f"{rep.n_done} image(s) inverted ({header['method']}, {header['steps']} "
+                 "steps)"
+                 + (f", shard {my_shard.index}/{my_shard.count}" if my_shard.count > 1 else "")
+                 + (f"; {len(rep.skipped)} already there" if rep.skipped else ""))
+        if rows or not rep.n_done:
+            trip = bool(rows) and "psnr_db" in rows[0]
+            cols = ["image", "seed", "norm", "chi z", "NFE"] + (
+                ["latent RMSE", "PSNR dB"] if trip else [])
+            table = [[r["image"], r["seed"], r["norm"], r["chi_z"], r["nfe"]]
+                     + ([r["latent_rmse"], r["psnr_db"]] if trip else []) for r in rows]
+            print_table(title, cols, table)
+        else:
+            print_table(title, ["", "images"], summary_rows(result))
+    if skipped:
+        for msg in skipped:
+            print(f"skipped: {msg}", file=sys.stderr)
+        message = f"{len(skipped)} input(s) skipped, {rep.n_done} seed(s) written"
+        if launch.world_size > 1:
+            print(f"warning: {message} (recorded in the manifest; exit 0 under the "
+                  "launcher)", file=sys.stderr)
+            return
+        raise InputError(message)

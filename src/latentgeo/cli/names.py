@@ -19,7 +19,20 @@ CENTROID_METHODS: tuple[str, ...] = ("euclidean", "normalized", "cog", "spherica
 
 #: ``latentgeo.reprojection.METHODS``: the closed form, then ``regularizers.REGULARIZERS``
 REPROJECTION_METHODS: tuple[str, ...] = ("fast", "moment", "spectral", "moment+spectral", "kl",
-                                         "kurtosis", "norm", "covariance")
+                                         "kurtosis", "norm", "covariance", "dno", "mpgr")
+
+#: ``latentgeo.regularizers.REGULARIZERS`` (``optimize --reg``)
+REGULARIZERS: tuple[str, ...] = ("moment", "spectral", "moment+spectral", "kl", "kurtosis",
+                                 "norm", "covariance", "dno", "mpgr", "none")
+
+#: ``latentgeo.optimize.presets.PRESETS`` (``optimize --preset``)
+OPTIMIZE_PRESETS: tuple[str, ...] = ("reno", "mpgr", "dno")
+
+#: ``latentgeo.optimize.optimizers.OPTIMIZERS`` (``optimize --optimizer``)
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
+
+#: ``latentgeo.optimize.rewards.REWARDS``: the kinds of ``--reward KIND:ARGUMENT``
+REWARD_KINDS: tuple[str, ...] = ("class", "clip", "python")
 
 #: Point spacing of the ``nao`` interpolator (``interpolation.nao(spacing=...)``); the registry
 #: itself is torch-free, so it is read directly.

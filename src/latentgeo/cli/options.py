@@ -41,7 +41,10 @@ Flag meanings
 ``--prompt``           text prompt (text-to-image models)
 ``--class``            class label (the bundled digit model: 0-9)
 ``--guidance``         classifier-free guidance scale (default: the model's; 1 = none)
-``--batch-size``       seeds or images per network call
+``--batch-size``       seeds or images per network call (and per streamed chunk of a job)
+``--height/--width``   image size in pixels (default: the model's; multiples checked per family)
+``--offload``          keep the networks on the CPU, each moved to --device only while it runs
+``--shard``            I/N: shard I of N of the sorted inputs (job arrays; composes with torchrun)
 ``--render``           also render the latents into this folder (PNGs)
 ``--soft-tokens``      a token file from ``latentgeo align`` applied to every network call
 ``--alpha``            family-wise false-alarm rate of the Gaussianity verdict
@@ -109,7 +112,8 @@ MaxIters = Annotated[int | None, typer.Option(
     "(nao-reference: default 10,000).")]
 
 # -- models and rendering -------------------------------------------------------------------------
-Model = Annotated[str, typer.Option("--model", help="'bundled', or any diffusers pipeline id "
+Model = Annotated[str, typer.Option("--model", help="'bundled' (DDPM), 'bundled-flow' "
+                                    "(rectified flow), or any diffusers pipeline id "
                                     "or local path (weights must be cached; no downloads).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Network dtype: float32, float16, "
@@ -125,6 +129,18 @@ Guidance = Annotated[float | None, typer.Option(
     help="Classifier-free guidance scale (default: the model's; 1 = none).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, max=65_536,
                                         help="Seeds or images per network call.")]
+Shard = Annotated[str | None, typer.Option(
+    "--shard", help="Do shard I of N of the sorted inputs (I/N, counted from 0; e.g. a job "
+    "array's index). Under torchrun/accelerate each rank takes its part of that shard.",
+    show_default=False)]
+Height = Annotated[int | None, typer.Option(
+    "--height", min=8, max=16_384, help="Image height in pixels (default: the model's; SD/SDXL "
+    "take multiples of 8, SD3/FLUX of 16; the bundled models only their own 32).")]
+Width = Annotated[int | None, typer.Option(
+    "--width", min=8, max=16_384, help="Image width in pixels (as --height).")]
+Offload = Annotated[bool, typer.Option(
+    "--offload", help="Keep the networks on the CPU and move each to --device only while it "
+    "runs (diffusers' model CPU offload, for large models on small GPUs; needs a GPU).")]
 Render = Annotated[Path | None, typer.Option(
     "--render", help="Also render the latents with --model into this folder (PNGs).")]
 SoftTokensFile = Annotated[Path | None, typer.Option(

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from latentgeo.cli.common import print_json, print_table
+from latentgeo.cli.jobrun import fail_or_warn
 from latentgeo.cli.options import (
     BatchSize,
     ClassLabel,
@@ -15,11 +16,15 @@ from latentgeo.cli.options import (
     Dtype,
     Force,
     Guidance,
+    Height,
     ImageFolder,
     Json,
     Model,
+    Offload,
     Prompt,
+    Shard,
     Steps,
+    Width,
 )
 from latentgeo.cli.soft_tokens import SoftTokensFile, read_soft_tokens, use_soft_tokens
 from latentgeo.errors import InputError
@@ -72,9 +77,13 @@ def render(
     guidance: Guidance = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    height: Height = None,
+    width: Width = None,
+    offload: Offload = False,
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png with all "
                                        "images.")] = False,
     batch_size: BatchSize = 16,
+    shard: Shard = None,
     soft_tokens: SoftTokensFile = None,
     force: Force = False,
     json: Json = False,
@@ -83,46 +92,54 @@ def render(
 
     The bundled digit model takes --class 0-9 (default: unconditional); Stable Diffusion
     pipelines take --prompt. Same seed and settings give the same image, bit for bit on CPU.
-    """
-    import sys
 
-    from latentgeo.cli.rendering import check_targets, condition_from, render_to
+    Seeds stream through in chunks of --batch-size and each PNG is written when its chunk is
+    done, with its provenance inside. A re-run skips images already there from the same seeds
+    and options (so an interrupted run resumes), refuses ones made otherwise (--force redoes
+    them), and logs every seed in OUTPUT/manifest-*.jsonl. Under torchrun or accelerate launch
+    each process renders its own share; --shard I/N splits the work for job arrays.
+    """
+    from latentgeo.cli.jobrun import render_job, summary_rows, this_process
+    from latentgeo.cli.rendering import condition_from
     from latentgeo.diffusion import load_model
     from latentgeo.io import expand_latent_paths
 
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory (-o takes a folder)")
-    expand_latent_paths(seeds)  # missing seed files fail before the model loads
+
+    launch, my_shard, my_device = this_process(shard, device)
+    paths = expand_latent_paths(seeds)  # missing seed files fail before the model loads
     tokens = read_soft_tokens(soft_tokens)
-    backend = load_model(model, device, dtype)
+    backend = load_model(model, my_device, dtype, height=height, width=width, offload=offload)
     use_soft_tokens(backend, tokens, soft_tokens)
     condition = condition_from(backend, prompt, class_label)
-    z, names, problems = load_seeds(seeds, backend.latent_shape)
-    if z is None:
-        if len(problems) == 1:
-            raise InputError(problems[0])
-        for msg in problems:
-            print(f"skipped: {msg}", file=sys.stderr)
-        raise InputError(f"none of the {len(problems)} seed file(s) could be used")
-    check_targets([out / f"{n}.png" for n in names] + ([out / "grid.png"] if grid else []),
-                  force)
-    result = render_to(out, z, names, model=backend, steps=steps, guidance=guidance,
-                       condition=condition, grid=grid, force=force, batch_size=batch_size,
-                       quiet=json)
-    result.pop("rendered")
-    norms = z.flatten(1).double().norm(dim=1).tolist()
+    result, header = render_job(backend, paths, out, condition=condition, steps=steps,
+                                guidance=guidance, batch_size=batch_size, grid=grid,
+                                force=force, quiet=json, keep_rows=json, shard=my_shard,
+                                launch=launch)
+    rows = result.rows
     if json:
-        print_json({**result, "seeds": names, "norms": norms,
-                    "condition": condition, "shape": list(backend.latent_shape),
-                    "skipped": problems})
+        print_json({**{k: v for k, v in header.items() if k != "problems"},
+                    "images": [r["image"] for r in rows],
+                    "seeds": [r["seed"] for r in rows], "norms": [r["norm"] for r in rows],
+                    "skipped": header["problems"],
+                    "resumed": [r["seed"] for r in rows if r.get("skipped")],
+                    "failed": [it.source for it, _ in result.failed],
+                    "shard": [my_shard.index, my_shard.count],
+                    "condition": condition, "shape": list(backend.latent_shape)})
     else:
-        title = (f"{len(names)} image(s) from {backend.name}, {result['steps']} DDIM steps, "
-                 f"guidance {result['guidance']:g}")
-        print_table(title, ["seed", "norm", "image"], list(zip(names, norms, result["images"])))
-        if grid:
-            print(f"grid: {result['grid']}")
-    if problems:
-        for msg in problems:
-            print(f"skipped: {msg}", file=sys.stderr)
-        raise InputError(f"{len(problems)} seed file(s) skipped, {len(names)} image(s) written")
+        title = (f"{result.report.n_done} image(s) from {backend.name}, {header['steps']} "
+                 f"DDIM steps, guidance {header['guidance']:g}"
+                 + (f", shard {my_shard.index}/{my_shard.count}" if my_shard.count > 1 else "")
+                 + (f"; {len(result.report.skipped)} already there" if result.report.skipped
+                    else ""))
+        if rows:
+            print_table(title, ["seed", "norm", "image"],
+                        [[r["seed"], "" if r["norm"] is None else r["norm"], r["image"]]
+                         for r in rows])
+        else:
+            print_table(title, ["", "seeds"], summary_rows(result))
+        if "grid" in header:
+            print(f"grid: {header['grid']}")
+    fail_or_warn(result, result.report.n_done, problems=header.pop("problems"))

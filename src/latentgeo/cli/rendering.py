@@ -32,15 +32,21 @@ def condition_from(backend: Any, prompt: str | None, class_label: int | None) ->
     try:
         backend.check_condition(condition)
     except InputError as e:
-        raise InputError(f"--class {class_label}: {e}" if class_label is not None else str(e)) \
-            from None
+        text = str(e).removeprefix(f"class {class_label}: ")
+        raise InputError(f"--class {class_label}: {text}" if class_label is not None
+                         else str(e)) from None
     return condition
 
 
 def render_images(backend: Any, latents: torch.Tensor, condition: Any = None,
                   steps: int | None = None, guidance: float | None = None,
-                  batch_size: int = 16, quiet: bool = False) -> torch.Tensor:
-    """Render (N, *latent_shape) with a Rich progress bar on stderr; returns (N, C, H, W)."""
+                  batch_size: int = 16, quiet: bool = False,
+                  names: Sequence[str] | None = None) -> torch.Tensor:
+    """Render (N, *latent_shape) with a Rich progress bar on stderr; returns (N, C, H, W).
+    InputError (naming the seeds from ``names``) when any image has a NaN or infinite pixel,
+    so no black image is ever written for a seed the model cannot render."""
+    import torch
+
     from latentgeo.cli.common import progress_bar
     from latentgeo.diffusion.render import num_batches, render
 
@@ -48,8 +54,16 @@ def render_images(backend: Any, latents: torch.Tensor, condition: Any = None,
     n_steps = backend.default_steps if steps is None else int(steps)
     total = num_batches(seeds.shape[0], batch_size) * n_steps
     with progress_bar(f"rendering {seeds.shape[0]} image(s)", total, quiet=quiet) as advance:
-        return render(backend, seeds, condition=condition, steps=n_steps, guidance=guidance,
-                      batch_size=batch_size, callback=advance)
+        images = render(backend, seeds, condition=condition, steps=n_steps, guidance=guidance,
+                        batch_size=batch_size, callback=advance)
+    bad = (~torch.isfinite(images)).flatten(1).any(dim=1)
+    if bool(bad.any()):
+        which = ", ".join(names[i] for i in bad.nonzero().flatten().tolist()[:3]) if names \
+            else f"{int(bad.sum())} seed(s)"
+        raise InputError(f"rendering gives NaN or infinite pixels for {which} (seed entries "
+                         f"up to {float(seeds.abs().max()):.3g}; a seed's are about 1); no "
+                         "image was written")
+    return images
 
 
 def view_scale(backend: Any) -> int:
@@ -104,7 +118,8 @@ def render_to(out_dir: str | Path, latents: torch.Tensor, names: Sequence[str],
     check_targets([*image_paths, *extra.values()], force)
 
     backend = model if isinstance(model, Backend) else load_model(model, device, dtype)
-    images = render_images(backend, latents, condition, steps, guidance, batch_size, quiet)
+    images = render_images(backend, latents, condition, steps, guidance, batch_size, quiet,
+                           names=names)
     for p, img in zip(image_paths, images):
         save_image(p, img, force=force)
     k = view_scale(backend)
@@ -173,7 +188,8 @@ def prepare_render(out: Path | None, shape: Sequence[int], names: Sequence[str],
                    prompt: str | None = None, class_label: int | None = None,
                    steps: int | None = None, guidance: float | None = None,
                    strip: bool = False, grid: bool = False, force: bool = False,
-                   quiet: bool = False) -> RenderJob | None:
+                   quiet: bool = False, height: int | None = None, width: int | None = None,
+                   offload: bool = False) -> RenderJob | None:
     """Validate a ``--render`` request (None when ``out`` is None) before anything is written:
     the model loads, the condition fits it, latents of ``shape`` are its seeds, and none of
     ``NAME.png`` (plus strip.png/path.gif, grid.png) exists unless ``force``."""
@@ -185,7 +201,7 @@ def prepare_render(out: Path | None, shape: Sequence[int], names: Sequence[str],
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--render {out}: exists and is not a directory")
-    backend = load_model(model, device, dtype)
+    backend = load_model(model, device, dtype, height=height, width=width, offload=offload)
     if tuple(shape) != tuple(backend.latent_shape):
         raise ShapeError(f"--render: latents of shape {tuple(shape)} do not fit {backend.name}, "
                          f"whose seeds have shape {tuple(backend.latent_shape)}")

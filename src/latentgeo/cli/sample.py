@@ -7,10 +7,10 @@ from typing import Annotated
 import typer
 
 from latentgeo.cli.common import print_json, print_table
-from latentgeo.cli.options import Force, Format, Json, Num, Output, Seed
+from latentgeo.cli.options import Force, Format, Height, Json, Num, Output, Seed, Width
 from latentgeo.errors import InputError
 from latentgeo.limits import MAX_ELEMENTS
-from latentgeo.presets import LATENT_SHAPES
+from latentgeo.presets import LATENT_SHAPES, latent_shape_like
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -31,7 +31,10 @@ def sample(
     shape: Annotated[str | None, typer.Option("--shape", help="Latent shape, e.g. 4,64,64.")]
     = None,
     like: Annotated[str | None, typer.Option(
-        "--like", help=f"Shape preset: {', '.join(LATENT_SHAPES)}.")] = None,
+        "--like", help=f"The seed shape of a model family: {', '.join(LATENT_SHAPES)} (at "
+        "--height/--width, default the family's image size).")] = None,
+    height: Height = None,
+    width: Width = None,
     n: Num = 1,
     seed: Seed = 0,
     fmt: Format = "safetensors",
@@ -47,7 +50,13 @@ def sample(
     if like is not None and like not in LATENT_SHAPES:
         raise InputError(f"--like {like!r}: unknown preset (choose from "
                          f"{', '.join(LATENT_SHAPES)})")
-    dims = LATENT_SHAPES[like] if like is not None else parse_shape(shape)
+    if like is None and (height is not None or width is not None):
+        raise InputError("--height/--width: give them with --like (--shape is the latent's "
+                         "own shape)")
+    try:
+        dims = latent_shape_like(like, height, width) if like is not None else parse_shape(shape)
+    except InputError as e:  # "height 1000: flux needs ..." -> the flag as typed
+        raise InputError(f"--{e}") from None
     size = n
     for s in dims:
         size *= s

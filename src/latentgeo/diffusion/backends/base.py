@@ -75,6 +75,11 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[key]
 
 
+#: Largest ``sample_size`` side a config may declare (pixels or latent cells): far above any
+#: real model (SDXL latents: 128), small enough that a malformed config cannot claim terabytes.
+MAX_SAMPLE_SIDE = 16384
+
+
 def hw_of(size: Any, name: str) -> tuple[int, int]:
     """A config's ``sample_size`` (int or [h, w]) as (h, w) positive ints."""
     try:
@@ -82,8 +87,9 @@ def hw_of(size: Any, name: str) -> tuple[int, int]:
             (int(size[0]), int(size[1]))
     except (TypeError, ValueError, IndexError):
         raise ModelError(f"{name}: sample_size {size!r} in its config is not a size") from None
-    if min(hw) < 1:
-        raise ModelError(f"{name}: sample_size {size!r} in its config is not a size")
+    if min(hw) < 1 or max(hw) > MAX_SAMPLE_SIDE:
+        raise ModelError(f"{name}: sample_size {size!r} in its config is not a size (1 to "
+                         f"{MAX_SAMPLE_SIDE} per side)")
     return hw
 
 
@@ -287,8 +293,9 @@ class Backend:
 
 def to_unit_images(x: torch.Tensor) -> torch.Tensor:
     """Model-range images in [-1, 1] -> float32 in [0, 1] (diffusers' ``denormalize``:
-    (x / 2 + 0.5).clamp(0, 1))."""
-    return (x.to(torch.float32) / 2.0 + 0.5).clamp(0.0, 1.0)
+    (x / 2 + 0.5).clamp(0, 1)); float64 stays float64 (float64 gradient checks)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.to(dtype) / 2.0 + 0.5).clamp(0.0, 1.0)
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:

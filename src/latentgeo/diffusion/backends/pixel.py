@@ -125,6 +125,10 @@ def pixel_backend(unet: Any, scheduler: Any, name: str, device: torch.device,
     if num_classes < 0 or steps < 1 or not torch.isfinite(torch.tensor(guidance)):
         raise ModelError(f"{name}: latentgeo.json has an invalid num_classes, steps or guidance")
     embeds = unet.config.num_class_embeds
+    if not num_classes and embeds is not None:
+        raise ModelError(f"{name}: the UNet is class-conditional (num_class_embeds={embeds}) "
+                         "but the folder declares no classes (latentgeo.json num_classes and "
+                         "null_class)")
     if num_classes and (embeds is None or null_class is None
                         or not 0 <= null_class < int(embeds) or num_classes > int(embeds)):
         raise ModelError(f"{name}: latentgeo.json declares {num_classes} classes, null class "
