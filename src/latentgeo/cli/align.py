@@ -12,7 +12,7 @@ from latentgeo.cli.options import Device, Dtype, Force, Json, Model, Seed, finit
 
 #: Default training steps: the bundled model's default run (10 classes x 10 conditions per
 #: step) finishes in well under 15 minutes on a quiet 2-core CPU (docs/results/align.md).
-DEFAULT_STEPS = 200
+DEFAULT_STEPS = 600
 
 
 def align(
