@@ -119,7 +119,7 @@ def _batches(conditions: Sequence[Any], batch_size: int, generator: torch.Genera
 
 
 def train_tokens(backend: Any, images: torch.Tensor, conditions: Sequence[Any],
-                 loss: str = "softrepa", steps: int = 300, batch_size: int = 10,
+                 loss: str = "softrepa", steps: int = 600, batch_size: int = 10,
                  lr: float | None = None, weight_decay: float = 1e-4, buckets: int = 1,
                  n_tokens: int = 4, seed: int = 0, dweight: float | None = None,
                  t_range: tuple[int, int] | None = None,

@@ -12,7 +12,7 @@ from latentgeo.cli.options import Device, Dtype, Force, Json, Model, Seed, finit
 
 #: Default training steps: the bundled model's default run (10 classes x 10 conditions per
 #: step) finishes in well under 15 minutes on a quiet 2-core CPU (docs/results/align.md).
-DEFAULT_STEPS = 200
+DEFAULT_STEPS = 600
 
 
 def align(
@@ -46,7 +46,7 @@ def align(
 ) -> None:
     """Train soft tokens so the model follows its condition without guidance (SoftREPA /
     AGSM); the network stays frozen. The file records the model's fingerprint: other models
-    refuse it. Use it with `render --soft-tokens FILE` (and invert)."""
+    refuse it. Use it with `render --soft-tokens FILE` (also invert and optimize)."""
     from latentgeo.align.data import bundled_digits, load_pairs
     from latentgeo.align.tokens import save_tokens
     from latentgeo.align.train import LOSSES, train_tokens
