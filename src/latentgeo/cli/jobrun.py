@@ -181,13 +181,7 @@ def render_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, condition
     from latentgeo import jobs
     from latentgeo.diffusion.render import render
 
-    given, problems = jobs.seed_items(seed_paths, backend.latent_shape)
-    if not given:
-        if len(problems) == 1:
-            raise InputError(problems[0])
-        for msg in problems:
-            warn(f"skipped: {msg}")
-        raise InputError(f"none of the {len(problems)} seed file(s) could be used")
+    given, problems = seed_items_or_refuse(seed_paths, backend.latent_shape)
     all_items = jobs.sort_items(given)
     if grid and shard.count > 1:
         raise InputError("--grid needs every image in one process: leave it out of sharded "
@@ -467,6 +461,57 @@ def summary_rows(result: JobResult) -> list[list[Any]]:
             ["failed", len(rep.failed)], ["seconds", round(rep.seconds, 2)]]
 
 
+def seed_record(res: Any, i: int, seed: str, output: str) -> dict[str, Any]:
+    """Seed ``i`` of an :class:`~latentgeo.optimize.OptimizeResult` as a result row: status,
+    best iteration, and target / held-out reward, regulariser and norm z before and after."""
+    before, best = res.before(i), res.best(i)
+    return {"seed": seed, "output": output, "status": res.status[i],
+            "best_iteration": res.best_iteration[i], "iterations": len(res.log[i]) - 1,
+            "reward_before": before["target"], "reward_after": best["target"],
+            "heldout_before": before["heldout"], "heldout_after": best["heldout"],
+            "regularizer_before": before["regularizer"],
+            "regularizer_after": best["regularizer"],
+            "norm_z_before": before["norm_z"], "norm_z_after": best["norm_z"]}
+
+
+#: The per-seed fields of :func:`seed_record` kept in an optimised seed file's metadata.
+SEED_META_FIELDS = ("reward_before", "reward_after", "heldout_before", "heldout_after",
+                    "regularizer_before", "regularizer_after", "best_iteration", "status")
+
+
+def optimize_metadata(res: Any, settings: Any, backend: Any, steps: int, condition: Any,
+                      record: dict[str, Any]) -> dict[str, str]:
+    """String metadata of one optimised seed file: the run's settings and its own record."""
+    from latentgeo import __version__
+
+    return {"method": f"optimize:{settings.preset}", "model": backend.name,
+            "rewards": ",".join(res.rewards),
+            "reward_weights": ",".join(f"{w:g}" for w in res.weights),
+            "regularizer": settings.reg, "reg_weight": f"{settings.reg_weight:g}",
+            "rescale": str(settings.rescale), "preset": settings.preset,
+            "optimizer": settings.optimizer.name, "lr": f"{settings.optimizer.lr:g}",
+            "clip": str(settings.clip), "iterations": str(settings.iters),
+            "steps": str(steps), "latentgeo": __version__,
+            "condition": "" if condition is None else str(condition),
+            **{k: str(record[k]) for k in SEED_META_FIELDS}}
+
+
+def seed_items_or_refuse(seed_paths: Sequence[Path], latent_shape: Sequence[int]
+                         ) -> tuple[list[Item], list[str]]:
+    """:func:`latentgeo.jobs.seed_items`, refusing (one line, or ``skipped:`` lines and a
+    summary) when no seed file can be used."""
+    from latentgeo import jobs
+
+    given, problems = jobs.seed_items(seed_paths, latent_shape)
+    if not given:
+        if len(problems) == 1:
+            raise InputError(problems[0])
+        for msg in problems:
+            warn(f"skipped: {msg}")
+        raise InputError(f"none of the {len(problems)} seed file(s) could be used")
+    return given, problems
+
+
 # -- optimize -------------------------------------------------------------------------------------
 def optimize_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, suffix: str,
                  rewards: Sequence[Any], reward_specs: Sequence[str],
@@ -485,19 +530,13 @@ def optimize_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, suffix:
 
     import torch
 
-    from latentgeo import __version__, jobs
+    from latentgeo import jobs
     from latentgeo.cli.rendering import view_scale
     from latentgeo.diffusion import render as render_seeds
     from latentgeo.images import make_grid, upscale
     from latentgeo.optimize import optimize as run_optimize
 
-    given, problems = jobs.seed_items(seed_paths, backend.latent_shape)
-    if not given:
-        if len(problems) == 1:
-            raise InputError(problems[0])
-        for msg in problems:
-            warn(f"skipped: {msg}")
-        raise InputError(f"none of the {len(problems)} seed file(s) could be used")
+    given, problems = seed_items_or_refuse(seed_paths, backend.latent_shape)
     if problems:  # optimize refuses a partly unusable input set (its earlier rule)
         more = f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ""
         raise InputError(problems[0] + more)
@@ -549,14 +588,7 @@ def optimize_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, suffix:
                                              "has NaN or infinite entries"))
                 continue
             prov = _provenance(h, options, fingerprint)
-            before, best = res.before(i), res.best(i)
-            rec = {"seed": it.key, "output": str(target(it)), "status": res.status[i],
-                   "best_iteration": res.best_iteration[i], "iterations": len(res.log[i]) - 1,
-                   "reward_before": before["target"], "reward_after": best["target"],
-                   "heldout_before": before["heldout"], "heldout_after": best["heldout"],
-                   "regularizer_before": before["regularizer"],
-                   "regularizer_after": best["regularizer"],
-                   "norm_z_before": before["norm_z"], "norm_z_after": best["norm_z"]}
+            rec = seed_record(res, i, it.key, str(target(it)))
             if render_dir is not None:
                 save_picture(render_dir / f"{it.key}_before.png", before_imgs[i], prov)
                 save_picture(render_dir / f"{it.key}_after.png", after_imgs[i], prov)
@@ -567,19 +599,8 @@ def optimize_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, suffix:
                 rec["images"] = [str(render_dir / f"{it.key}_{w}.png")
                                  for w in ("before", "after", "trajectory")]
                 rec["trajectory_iterations"] = [t for t, _ in res.trajectory[i]]
-            meta = {"method": f"optimize:{settings.preset}", "model": backend.name,
-                    "rewards": ",".join(res.rewards),
-                    "reward_weights": ",".join(f"{w:g}" for w in res.weights),
-                    "regularizer": settings.reg, "reg_weight": f"{settings.reg_weight:g}",
-                    "rescale": str(settings.rescale), "preset": settings.preset,
-                    "optimizer": settings.optimizer.name, "lr": f"{settings.optimizer.lr:g}",
-                    "clip": str(settings.clip), "iterations": str(settings.iters),
-                    "steps": str(n_steps), "source": it.source, "latentgeo": __version__,
-                    "condition": "" if condition is None else str(condition),
-                    **{k: str(rec[k]) for k in (
-                        "reward_before", "reward_after", "heldout_before", "heldout_after",
-                        "regularizer_before", "regularizer_after", "best_iteration",
-                        "status")}}
+            meta = {**optimize_metadata(res, settings, backend, n_steps, condition, rec),
+                    "source": it.source}
             path = jobs.save_seed(target(it), res.seeds[i], meta, prov, force=force)
             metrics = {k: rec[k] for k in ("reward_before", "reward_after", "heldout_before",
                                            "heldout_after", "regularizer_before",

@@ -145,6 +145,7 @@ def optimize(
     import torch
 
     from latentgeo.cli.common import err_console, print_json, print_table, refuse_non_finite
+    from latentgeo.cli.jobrun import optimize_metadata, seed_record
     from latentgeo.cli.render import load_seeds
     from latentgeo.cli.rendering import check_targets, condition_from, view_scale
     from latentgeo.diffusion import load_model
@@ -225,32 +226,11 @@ def optimize(
                            callback=on_iteration)
     refuse_non_finite(res.seeds, "the optimised seeds")
 
-    records = []
-    for i, n in enumerate(seed_names):
-        before, best = res.before(i), res.best(i)
-        records.append({
-            "seed": n, "output": str(targets[i] if to_dir else targets[0]),
-            "status": res.status[i], "best_iteration": res.best_iteration[i],
-            "iterations": len(res.log[i]) - 1,
-            "reward_before": before["target"], "reward_after": best["target"],
-            "heldout_before": before["heldout"], "heldout_after": best["heldout"],
-            "regularizer_before": before["regularizer"],
-            "regularizer_after": best["regularizer"],
-            "norm_z_before": before["norm_z"], "norm_z_after": best["norm_z"]})
-    meta_common = {"method": f"optimize:{settings.preset}", "model": backend.name,
-                   "rewards": ",".join(res.rewards),
-                   "reward_weights": ",".join(f"{w:g}" for w in res.weights),
-                   "regularizer": settings.reg, "reg_weight": f"{settings.reg_weight:g}",
-                   "rescale": str(settings.rescale), "preset": settings.preset,
-                   "optimizer": settings.optimizer.name, "lr": f"{settings.optimizer.lr:g}",
-                   "clip": str(settings.clip), "iterations": str(settings.iters),
-                   "steps": str(backend.default_steps if steps is None else steps),
-                   "condition": "" if condition is None else str(condition)}
+    n_steps = backend.default_steps if steps is None else steps
+    records = [seed_record(res, i, n, str(targets[i] if to_dir else targets[0]))
+               for i, n in enumerate(seed_names)]
     for i, target in enumerate(targets):
-        r = records[i]
-        meta = {**meta_common, **{k: str(r[k]) for k in (
-            "reward_before", "reward_after", "heldout_before", "heldout_after",
-            "regularizer_before", "regularizer_after", "best_iteration", "status")}}
+        meta = optimize_metadata(res, settings, backend, n_steps, condition, records[i])
         save_latent(target, res.seeds[i], meta, force=force)
 
     if render is not None:
