@@ -155,6 +155,29 @@ def cli_message(e: LatentgeoError) -> str:
     return str(e).replace("force=True", "--force")
 
 
+def refuse_all_skipped(problems: Sequence[str], what: str) -> None:
+    """Nothing could be done: the one problem as the ``error:`` line, or one ``skipped:`` line
+    per problem and ``error: none of the N {what}`` (the batch rule, docs/bad-input.md)."""
+    from latentgeo.errors import InputError
+
+    if len(problems) == 1:
+        raise InputError(problems[0])
+    for msg in problems:
+        print(f"skipped: {msg}", file=sys.stderr)
+    raise InputError(f"none of the {len(problems)} {what}")
+
+
+def report_skipped(problems: Sequence[str], summary: str) -> None:
+    """Some items failed, the rest are done: one ``skipped:`` line each, then ``error:
+    {summary}`` (exit 2). Nothing when ``problems`` is empty."""
+    from latentgeo.errors import InputError
+
+    if problems:
+        for msg in problems:
+            print(f"skipped: {msg}", file=sys.stderr)
+        raise InputError(summary)
+
+
 def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command so that nothing but one line reaches the user when it fails.
 

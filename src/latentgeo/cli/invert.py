@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from latentgeo.cli.common import print_json, print_table
+from latentgeo.cli.common import print_json, print_table, refuse_all_skipped
 from latentgeo.cli.options import (
     BatchSize,
     ClassLabel,
@@ -135,11 +135,7 @@ def invert(
     if to_dir and output.exists() and not output.is_dir():
         raise OutputExistsError(f"{output}: exists and is not a directory")
     if not paths:
-        if len(problems) == 1:
-            raise InputError(problems[0])
-        for msg in problems:
-            print(f"skipped: {msg}", file=sys.stderr)
-        raise InputError(f"none of the {len(problems)} input(s) could be read")
+        refuse_all_skipped(problems, "input(s) could be read")
     tokens = read_soft_tokens(soft_tokens)  # a bad token file fails before the model loads
     backend = load_model(model, my_device, dtype, height=height, width=width, offload=offload)
     use_soft_tokens(backend, tokens, soft_tokens)
@@ -154,11 +150,7 @@ def invert(
     skipped = problems + [why if why.startswith(it.source) else f"{it.source}: {why}"
                           for it, why in rep.failed]
     if not rep.n_done and not rep.skipped and skipped and launch.world_size == 1:
-        if len(skipped) == 1:
-            raise InputError(skipped[0])
-        for msg in skipped:
-            print(f"skipped: {msg}", file=sys.stderr)
-        raise InputError(f"none of the {len(skipped)} input(s) could be read")
+        refuse_all_skipped(skipped, "input(s) could be read")
     rows = [r for r in result.rows if not r.get("skipped")]
     if json:
         print_json({**header, "results": rows, "skipped": skipped,

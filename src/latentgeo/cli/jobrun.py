@@ -501,14 +501,11 @@ def seed_items_or_refuse(seed_paths: Sequence[Path], latent_shape: Sequence[int]
     """:func:`latentgeo.jobs.seed_items`, refusing (one line, or ``skipped:`` lines and a
     summary) when no seed file can be used."""
     from latentgeo import jobs
+    from latentgeo.cli.common import refuse_all_skipped
 
     given, problems = jobs.seed_items(seed_paths, latent_shape)
     if not given:
-        if len(problems) == 1:
-            raise InputError(problems[0])
-        for msg in problems:
-            warn(f"skipped: {msg}")
-        raise InputError(f"none of the {len(problems)} seed file(s) could be used")
+        refuse_all_skipped(problems, "seed file(s) could be used")
     return given, problems
 
 

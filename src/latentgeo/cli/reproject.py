@@ -7,7 +7,13 @@ from typing import Annotated
 
 import typer
 
-from latentgeo.cli.common import print_json, print_table, progress_bar
+from latentgeo.cli.common import (
+    print_json,
+    print_table,
+    progress_bar,
+    refuse_all_skipped,
+    report_skipped,
+)
 from latentgeo.cli.options import (
     Alpha,
     Force,
@@ -43,7 +49,6 @@ def reproject(
     Writes one file per input into the output directory, named after it (a repeated name gets
     -2, -3, ...), with provenance metadata. Unreadable inputs are skipped and reported.
     """
-    import sys
 
     from latentgeo.cli.common import refuse_non_finite
     from latentgeo.cli.rendering import check_targets
@@ -83,11 +88,7 @@ def reproject(
         save_latent(target, res.latent, meta, force=force)
         results.append((p, target, res))
     if not results:
-        if len(problems) == 1:
-            raise InputError(problems[0])
-        for msg in problems:
-            print(f"skipped: {msg}", file=sys.stderr)
-        raise InputError(f"none of the {len(problems)} latent file(s) could be reprojected")
+        refuse_all_skipped(problems, "latent file(s) could be reprojected")
     if json:
         print_json([{"file": str(p), "output": str(t), "method": r.method, "steps": r.steps,
                      "passed_before": r.before.passed, "passed_after": r.after.passed,
@@ -95,7 +96,8 @@ def reproject(
                      "adjusted_p_after": r.after.adjusted_p, "distance": r.distance,
                      "relative_distance": r.relative_distance, "failed_after": list(r.after.failed)}
                     for p, t, r in results])
-        _report_skipped(problems, len(results))
+        report_skipped(problems, f"{len(problems)} latent file(s) skipped, "
+                                 f"{len(results)} written")
         return
     print_table(f"reproject ({method}, alpha {alpha})",
                 ["latent", "steps", "before", "after", "adj. p after", "moved", "moved / |z|"],
@@ -103,14 +105,6 @@ def reproject(
                   "pass" if r.after.passed else "FAIL " + ",".join(r.after.failed),
                   r.after.adjusted_p, r.distance, r.relative_distance]
                  for p, _, r in results])
-    _report_skipped(problems, len(results))
+    report_skipped(problems, f"{len(problems)} latent file(s) skipped, "
+                                 f"{len(results)} written")
 
-
-def _report_skipped(problems: list[str], done: int) -> None:
-    """The batch rule: one ``skipped:`` line per bad file, then one ``error:`` (exit 2)."""
-    import sys
-
-    if problems:
-        for msg in problems:
-            print(f"skipped: {msg}", file=sys.stderr)
-        raise InputError(f"{len(problems)} latent file(s) skipped, {done} written")

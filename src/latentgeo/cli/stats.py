@@ -8,7 +8,13 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from latentgeo.cli.common import console, print_json, print_table
+from latentgeo.cli.common import (
+    console,
+    print_json,
+    print_table,
+    refuse_all_skipped,
+    report_skipped,
+)
 from latentgeo.cli.options import Alpha, Force, Json
 
 Files = Annotated[list[Path], typer.Argument(help="Latent files (.pt/.safetensors) or "
@@ -30,9 +36,8 @@ def stats(
     The verdict rejects a fresh torch.randn latent with probability <= alpha (Bonferroni over
     the tests; about 0.8 alpha in practice).
     """
-    import sys
 
-    from latentgeo.errors import InputError, LatentgeoError
+    from latentgeo.errors import LatentgeoError
     from latentgeo.gaussianity import gaussianity_stats
     from latentgeo.io import expand_latent_paths, load_latent, unique_names
 
@@ -62,14 +67,11 @@ def stats(
 
             plot_gaussianity(z, target, title=p.name, force=force)
     if not reports:
-        if len(problems) == 1:
-            raise InputError(problems[0])
-        for msg in problems:
-            print(f"skipped: {msg}", file=sys.stderr)
-        raise InputError(f"none of the {len(problems)} latent file(s) could be read")
+        refuse_all_skipped(problems, "latent file(s) could be read")
     if json:
         print_json([{"file": str(p), **r.to_dict()} for p, r in reports])
-        _report_skipped(problems, len(reports))
+        report_skipped(problems, f"{len(problems)} latent file(s) skipped, "
+                                 f"{len(reports)} tested")
         return
     for p, r in reports:
         rows = [[t.name, t.statistic, t.null, t.p_value, "ok" if t.p_value >= r.threshold
@@ -83,16 +85,6 @@ def stats(
         verdict = ("[green]PASS[/green]" if r.passed
                    else f"[red]FAIL[/red] ({escape(', '.join(r.failed))})")
         console.print(f"{verdict}  adjusted p = {r.adjusted_p:.3g}, alpha = {r.alpha}")
-    _report_skipped(problems, len(reports))
+    report_skipped(problems, f"{len(problems)} latent file(s) skipped, "
+                                 f"{len(reports)} tested")
 
-
-def _report_skipped(problems: list[str], done: int) -> None:
-    """The batch rule: one ``skipped:`` line per bad file, then one ``error:`` (exit 2)."""
-    import sys
-
-    from latentgeo.errors import InputError
-
-    if problems:
-        for msg in problems:
-            print(f"skipped: {msg}", file=sys.stderr)
-        raise InputError(f"{len(problems)} latent file(s) skipped, {done} tested")
