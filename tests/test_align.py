@@ -267,3 +267,16 @@ def test_refusals(pixel):
         train_tokens(pixel, images, [1, 1, 1, 1], steps=1, batch_size=2)
     with pytest.raises(InputError, match="class 12"):
         train_tokens(pixel, images, [0, 1, 2, 12], steps=1, batch_size=2)
+
+
+@pytest.mark.parametrize("loss", ["softrepa", "agsm"])
+def test_published_tokens_fit_the_bundled_model(loss):
+    """The tokens docs/results/align.md measures are accepted by the bundled model as shipped
+    (the fingerprint must not depend on where the checkout lives)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    path = root / "docs" / "results" / "align" / f"{loss}.safetensors"
+    backend = load_model("bundled")
+    attach(backend, load_tokens(path), loss)
+    assert backend.soft_tokens is not None

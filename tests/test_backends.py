@@ -38,6 +38,20 @@ def test_pixel_model_metadata(pix):
     assert len(pix.fingerprint()) == 16 and pix.fingerprint() == pix.fingerprint()
 
 
+def test_fingerprint_names_the_weights_not_where_they_were_loaded(pix, tmp_path):
+    """A copied (moved, installed) model keeps its fingerprint, so soft tokens and resumable
+    outputs made with it are still accepted; other weights get another one."""
+    import shutil
+    copy_dir = tmp_path / "elsewhere"
+    shutil.copytree(tiny_pixel_path(), copy_dir)
+    moved = load_model(str(copy_dir))
+    assert moved.fingerprint() == pix.fingerprint()
+    with torch.no_grad():
+        next(moved.unet.parameters()).add_(1.0)
+    moved._fingerprint = None
+    assert moved.fingerprint() != pix.fingerprint()
+
+
 def test_render_is_deterministic_bit_for_bit(pix):
     z = seeds(3, pix.latent_shape)
     a = render(pix, z, condition=[1, 2, 3], steps=3)

@@ -130,7 +130,11 @@ def freeze(*modules: Any) -> None:
 
 def weights_fingerprint(*modules: Any) -> str:
     """A short hex fingerprint of networks: class, config and, per parameter, its name, shape,
-    dtype and 16 values spread over it. Tells two trainings apart without hashing gigabytes."""
+    dtype and 16 values spread over it. Tells two trainings apart without hashing gigabytes.
+
+    The config's private keys (``_name_or_path``, ``_diffusers_version``, ...) are left out:
+    they say where and with what the weights were loaded, not what they are, so a model moved
+    or installed elsewhere keeps its fingerprint."""
     h = hashlib.sha256()
     for m in modules:
         if m is None:
@@ -139,6 +143,7 @@ def weights_fingerprint(*modules: Any) -> str:
         config = getattr(m, "config", None)
         if config is not None:
             cfg = dict(config) if not hasattr(config, "to_dict") else config.to_dict()
+            cfg = {k: v for k, v in cfg.items() if not str(k).startswith("_")}
             h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
         for name, p in m.state_dict().items():
             flat = p.detach().reshape(-1)
