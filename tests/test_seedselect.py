@@ -147,8 +147,12 @@ def test_render_grad_estimates_default_path_unchanged(pix):
         b = render_grad(pix, z, steps=4, estimates=2)
     assert len(a) == 2 and len(b) == 3
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
-    with pytest.raises(InputError, match="5 clean estimates"):
-        render_grad(pix, z, steps=4, estimates=5)
+    with pytest.raises(InputError, match="6 clean estimates"):
+        render_grad(pix, z, steps=4, estimates=6)
+    with torch.no_grad():  # all S + 1 states: the first is the seed's own clean estimate
+        _, _, est = render_grad(_RawDecode(pix), z, steps=2, estimates=3)
+    _, preds = _diffusers_states(pix, z, 2)
+    torch.testing.assert_close(est[0], preds[0], rtol=1e-4, atol=1e-4)
 
 
 def test_match_reward_judge_features_and_heldout_on_the_digit_model():
@@ -173,7 +177,7 @@ def test_match_needs_a_feature_model_off_the_digit_models():
     from tests.tiny_sd import tiny_sd_path
 
     sd = load_model(str(tiny_sd_path()))
-    with pytest.raises(InputError, match="feature-model"):
+    with pytest.raises(InputError, match="feature_model"):
         match_reward(sd, torch.rand(2, 3, 16, 16))
 
 

@@ -399,6 +399,11 @@ def _build_rewards(backend: Any, reward: list[str], reward_model: Path | None,
     for spec in reward:
         kind, _, arg = spec.partition(":")
         if kind == "match":
+            if feature_model is None and (backend.family != "pixel"
+                                          or backend.image_channels != 1):
+                raise InputError(f"--reward {spec}: {backend.name} is a {backend.family} "
+                                 "model; give --feature-model PATH (a local transformers "
+                                 "CLIPModel folder) for the image features")
             out.append(match_reward(backend, refs[arg][0],
                                     None if feature_model is None else str(feature_model),
                                     spec=spec, device=backend.device))
