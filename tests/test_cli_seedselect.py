@@ -132,6 +132,8 @@ def test_bad_input_one_line(cli, tmp_path, shots):
         (["--init", "nao", "-n", "2", "--reward", "class:1"], ["expected random, nao:DIR"]),
         (["--init", f"centroid:median:{shots}", "-n", "2", "--reward", "class:1"],
          ["unknown centroid method 'median'"]),
+        (["--init", "random", "-n", "2", "--reward", "class:1", "--feature-model", "x"],
+         ["--feature-model", "match:DIR"]),
     ]
     for args, frags in cases:
         assert_one_line_error(cli("optimize", *args, *base, expect=None), *frags)

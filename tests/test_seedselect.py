@@ -173,6 +173,31 @@ def test_match_reward_judge_features_and_heldout_on_the_digit_model():
         torch.testing.assert_close(reward(refs[:1]).double(), -(10 * sem + app))
 
 
+def test_match_spec_reads_a_folder_and_warns_on_unreadable_files(pix, tmp_path):
+    from latentgeo.images import load_image_folder, save_image
+    from latentgeo.optimize import parse_reward
+
+    refs = references(pix, 2)
+    for i, img in enumerate(refs):
+        save_image(tmp_path / f"r{i}.png", img)
+    (tmp_path / "zz.png").write_bytes(b"broken")
+    with pytest.warns(UserWarning, match="zz.png"):
+        reward = parse_reward(f"match:{tmp_path}", pix)
+    assert reward.spec == f"match:{tmp_path}" and reward.estimates == 3
+    images, paths, problems = load_image_folder(tmp_path, 16, 1)
+    assert [p.name for p in paths] == ["r0.png", "r1.png"] and len(problems) == 1
+    same = match_reward(pix, images)
+    z = gauss(2, pix.latent_shape, 1)
+    with torch.no_grad():
+        imgs, x0, est = render_grad(pix, z, steps=3, estimates=3)
+        torch.testing.assert_close(reward(imgs, None, est, x0), same(imgs, None, est, x0))
+    with pytest.raises(InputError, match="no such directory"):
+        parse_reward(f"match:{tmp_path / 'nowhere'}", pix)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no image files"):
+        parse_reward(f"match:{tmp_path / 'empty'}", pix)
+
+
 def test_match_needs_a_feature_model_off_the_digit_models():
     from tests.tiny_sd import tiny_sd_path
 

@@ -112,7 +112,8 @@ def _check_specs(rewards: list[str], weights: list[float] | None,
 
 
 def _check_folder(folder: str, what: str) -> None:
-    """Torch-free: ``folder`` exists, is a directory and holds image files (by suffix)."""
+    """Before the model loads: ``folder`` exists, is a directory and holds image files (by
+    suffix; whether they can be read is checked when they are read)."""
     from latentgeo.images import is_image_file
 
     p = Path(folder).expanduser()
@@ -217,6 +218,9 @@ def optimize(
     """
     init_spec = _parse_init(init, num, seeds)
     _check_specs(reward, reward_weight, reward_model)
+    if feature_model is not None and not any(r.startswith("match:") for r in reward):
+        raise InputError("--feature-model is the feature model of --reward match:DIR; give "
+                         "that reward or drop it")
     import torch
 
     from latentgeo.cli.common import err_console, print_json, print_table, refuse_non_finite
