@@ -511,6 +511,20 @@ def seed_items_or_refuse(seed_paths: Sequence[Path], latent_shape: Sequence[int]
 
 
 # -- optimize -------------------------------------------------------------------------------------
+def _settings_options(d: dict[str, Any]) -> dict[str, Any]:
+    """The settings as provenance options, without the fields added for SeedSelect while they
+    hold their neutral defaults (no lr schedule, the model's steps and guidance), so a folder
+    written before they existed still resumes."""
+    d = dict(d, optimizer=dict(d["optimizer"]))
+    if d["optimizer"].get("decay_at") is None:
+        d["optimizer"].pop("decay_at", None)
+        d["optimizer"].pop("decay", None)
+    for key in ("steps", "guidance"):
+        if d.get(key) is None:
+            d.pop(key, None)
+    return d
+
+
 def optimize_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, suffix: str,
                  rewards: Sequence[Any], reward_specs: Sequence[str],
                  weights: Sequence[float] | None, settings: Any, condition: Any,
@@ -551,7 +565,7 @@ def optimize_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, suffix:
     all_items = jobs.sort_items(given)
     mine = jobs.shard_items(all_items, shard)
     n_steps = backend.default_steps if steps is None else int(steps)
-    options = {"command": "optimize", "settings": asdict(settings),
+    options = {"command": "optimize", "settings": _settings_options(asdict(settings)),
                "rewards": list(reward_specs), "weights": None if not weights else list(weights),
                "steps": n_steps, "guidance": backend.effective_guidance(condition, guidance),
                "condition": condition, "stop_at": stop_at, "reg_seed": 0,
