@@ -176,3 +176,19 @@ def test_tiny_sd_with_a_tiny_clip_feature_model(cli, tmp_path, tiny_clip):  # no
     z, _ = load_latent(tmp_path / "o" / "seed_002.safetensors")
     assert z.shape == TINY_SD_LATENT
     assert out["init"]["inversion_nfe"] > 0
+
+
+def test_provenance_of_older_presets_is_unchanged():
+    """The SeedSelect fields join a job's provenance only when set, so a folder optimised
+    before they existed still resumes."""
+    from dataclasses import asdict
+
+    from latentgeo.cli.jobrun import _settings_options
+    from latentgeo.optimize import resolve
+
+    old = _settings_options(asdict(resolve("reno")))
+    assert "steps" not in old and "guidance" not in old
+    assert "decay_at" not in old["optimizer"] and "decay" not in old["optimizer"]
+    new = _settings_options(asdict(resolve("nao-seedselect")))
+    assert new["steps"] == 20 and new["guidance"] == 1.0
+    assert (new["optimizer"]["decay_at"], new["optimizer"]["decay"]) == (3, 0.1)
