@@ -252,17 +252,20 @@ def test_start_seeds_other_centroids_random_and_errors(pix):
 
 
 # -- the loop --------------------------------------------------------------------------------------
-def test_batch_equals_singles_with_the_match_reward(pix):
+@pytest.mark.parametrize("features", ["linear", "judge"])
+def test_batch_equals_singles_with_the_match_reward(pix, features):
     refs = references(pix, 3)
-    reward = match_reward(pix, refs, LinearFeatures(int(np.prod(refs.shape[1:]))))
+    reward = match_reward(pix, refs, LinearFeatures(int(np.prod(refs.shape[1:])))
+                          if features == "linear" else None)
     z = gauss(3, pix.latent_shape, 9)
     settings = resolve("seedselect", iters=4, steps=4)
     batch = optimize(pix, z, [reward], settings=settings)
     for i in range(3):
         one = optimize(pix, z[i:i + 1], [reward], settings=settings)
         torch.testing.assert_close(batch.seeds[i:i + 1], one.seeds, rtol=1e-5, atol=1e-6)
-        assert [r["target"] for r in batch.log[i]] == pytest.approx(
-            [r["target"] for r in one.log[0]], rel=1e-5, abs=1e-6)
+        for key in ("target", "heldout"):
+            assert [r[key] for r in batch.log[i]] == pytest.approx(
+                [r[key] for r in one.log[0]], rel=1e-5, abs=1e-6, nan_ok=True)
     assert batch.steps == 4
     # 4 steps: 5 evaluations x 4 forwards + 4 steps x (2 x 4 backward + 4 recomputed)
     assert batch.nfe == [5 * 4 + 4 * 12] * 3
