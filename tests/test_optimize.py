@@ -268,7 +268,7 @@ def test_python_reward_and_shape_check(pix, monkeypatch):
 
 
 def test_presets_and_overrides():
-    assert set(PRESETS) == {"default", "reno", "mpgr", "dno"}
+    assert set(PRESETS) == {"default", "reno", "mpgr", "dno", "seedselect", "nao-seedselect"}
     from latentgeo.optimize.presets import DEFAULT_REG
 
     dflt = PRESETS["default"]
@@ -286,7 +286,7 @@ def test_presets_and_overrides():
         ("adamw", 0.01, 1.0, "dno", 1.0, 50)
     s = resolve("dno", lr=0.1, iters=7, reg="none", clip=math.inf)
     assert (s.optimizer.lr, s.iters, s.reg, s.clip) == (0.1, 7, "none", None)
-    with pytest.raises(InputError, match="default, reno, mpgr, dno"):
+    with pytest.raises(InputError, match="default, reno, mpgr, dno, seedselect"):
         resolve("nope")
     with pytest.raises(InputError, match="moment\\+spectral"):
         resolve("reno", reg="nope")

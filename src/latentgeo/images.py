@@ -122,6 +122,34 @@ def load_images(paths: Sequence[str | os.PathLike], size: int | tuple[int, int],
     return torch.stack(imgs), [Path(p).stem for p in paths]
 
 
+def load_image_folder(folder: str | os.PathLike, size: int | tuple[int, int], channels: int,
+                      background: float | None = None
+                      ) -> tuple[torch.Tensor, list[Path], list[str]]:
+    """Every image file of ``folder`` (by suffix, sorted by name) read by :func:`load_image`:
+    (images (N, channels, H, W), their paths, one problem line per unreadable file, which is
+    skipped). InputError naming the folder when it is missing, not a folder, holds no image
+    files or none of them can be read (then the problems are in the message's count)."""
+    p = Path(folder).expanduser()
+    if not p.exists():
+        raise InputError(f"{folder}: no such directory")
+    if not p.is_dir():
+        raise InputError(f"{folder}: not a directory (give a folder of images)")
+    files = sorted(q for q in p.iterdir() if q.is_file() and is_image_file(q))
+    if not files:
+        raise InputError(f"{folder}: directory has no image files")
+    images, paths, problems = [], [], []
+    for q in files:
+        try:
+            images.append(load_image(q, size, channels, background))
+            paths.append(q)
+        except InputError as e:
+            problems.append(str(e))
+    if not images:
+        raise InputError(f"{folder}: none of its {len(files)} image file(s) could be read "
+                         f"({problems[0]})")
+    return torch.stack(images), paths, problems
+
+
 def _to_float_array(pil, channels: int, background: float) -> np.ndarray:
     """Any PIL image -> (H, W, channels) float32 in [0, 1], transparency composited."""
     mode = pil.mode

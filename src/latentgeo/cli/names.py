@@ -26,13 +26,14 @@ REGULARIZERS: tuple[str, ...] = ("moment", "spectral", "moment+spectral", "kl", 
                                  "norm", "covariance", "dno", "mpgr", "none")
 
 #: ``latentgeo.optimize.presets.PRESETS`` (``optimize --preset``)
-OPTIMIZE_PRESETS: tuple[str, ...] = ("default", "reno", "mpgr", "dno")
+OPTIMIZE_PRESETS: tuple[str, ...] = ("default", "reno", "mpgr", "dno", "seedselect",
+                                     "nao-seedselect")
 
 #: ``latentgeo.optimize.optimizers.OPTIMIZERS`` (``optimize --optimizer``)
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 
 #: ``latentgeo.optimize.rewards.REWARDS``: the kinds of ``--reward KIND:ARGUMENT``
-REWARD_KINDS: tuple[str, ...] = ("class", "clip", "python")
+REWARD_KINDS: tuple[str, ...] = ("class", "clip", "python", "match")
 
 #: Point spacing of the ``nao`` interpolator (``interpolation.nao(spacing=...)``); the registry
 #: itself is torch-free, so it is read directly.

@@ -56,8 +56,10 @@ def render(backend: Any, seeds: torch.Tensor, condition: Any = None, steps: int 
 
 def render_grad(backend: Any, seeds: torch.Tensor, condition: Any = None,
                 steps: int | None = None, guidance: float | None = None,
-                checkpoint: bool = True, callback: StepCallback | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                checkpoint: bool = True, callback: StepCallback | None = None,
+                estimates: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor] | \
+        tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Differentiable render: seeds (B, *latent_shape) -> (images (B, C, H, W) in [0, 1],
     clean latents x0 (B, *latent_shape)), both on the backend's device with autograd graphs
     back to ``seeds`` (when gradients are enabled).
@@ -65,14 +67,39 @@ def render_grad(backend: Any, seeds: torch.Tensor, condition: Any = None,
     ``checkpoint``: recompute every sampler step and the decoder in the backward pass, so
     activation memory is one step's (the network's weights stay frozen; gradients flow to
     the input only). ``callback(i, x, x0_hat)`` sees each step's outputs, graph attached.
+
+    ``estimates`` = k > 0 also returns the decoded clean estimates of the last k sampler
+    states, oldest first, as a third item: a list of k images (B, C, H, W). The states are
+    those after steps S-k, ..., S-1 of the S-step grid (the ones SeedSelect decodes); the
+    clean estimate of the state after step j < S-1 is the x0_hat that step j + 1 forms from
+    it (no extra network call), and that of the final state is the final sample itself, so
+    the last entry *is* ``images``. Each extra decode is checkpointed like the final one.
+    k must lie in 1..S. With k = 0 (default) nothing is kept or decoded beyond today's path.
     """
     seeds = backend.check_seeds(seeds)
     steps = backend.default_steps if steps is None else int(steps)
     grid = backend.grid(steps)
-    x0 = sample(backend.model_fn(condition, guidance), seeds.to(backend.device), grid, callback,
+    n = len(grid)
+    k = int(estimates)
+    if k < 0 or k > n:
+        raise InputError(f"{k} clean estimates asked for from a {n}-step render (need 0..{n})")
+    kept: list[torch.Tensor] = []
+    step_cb = callback
+    if k > 1:
+        def step_cb(i: int, x: torch.Tensor, x0_hat: torch.Tensor) -> None:
+            if i >= n - k + 1:
+                kept.append(x0_hat)
+            if callback is not None:
+                callback(i, x, x0_hat)
+
+    x0 = sample(backend.model_fn(condition, guidance), seeds.to(backend.device), grid, step_cb,
                 checkpoint=checkpoint)
-    if checkpoint and torch.is_grad_enabled():
-        images = _checkpoint(backend.decode, x0, use_reentrant=False)
-    else:
-        images = backend.decode(x0)
-    return images, x0
+    grad = checkpoint and torch.is_grad_enabled()
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return _checkpoint(backend.decode, z, use_reentrant=False) if grad else backend.decode(z)
+
+    images = decode(x0)
+    if k == 0:
+        return images, x0
+    return images, x0, [decode(z) for z in kept] + [images]

@@ -43,7 +43,12 @@ class OptimizeResult:
     regularizer (R, unweighted), norm_z (chi z-score of |z|), seconds (wall time of that
     iteration for the whole batch). ``best_iteration[i]`` indexes ``log[i]``;
     ``status[i]``: 'done', 'reached target' or why the seed stopped early.
-    ``trajectory[i]``: (iteration, z) pairs kept every ``keep_every`` iterations."""
+    ``trajectory[i]``: (iteration, z) pairs kept every ``keep_every`` iterations.
+    ``nfe[i]``: network evaluations spent on seed i, counted as forward calls with a backward
+    counted as two: each evaluated iteration renders ``steps`` forward calls, and each one
+    followed by a step adds 2 x ``steps`` for the backward, plus ``steps`` recomputed forwards
+    when checkpointing (classifier-free guidance's batched pair counts as one call).
+    ``steps``: the sampler steps the loop rendered with."""
 
     seeds: torch.Tensor
     settings: Settings
@@ -53,6 +58,8 @@ class OptimizeResult:
     status: list[str]
     log: list[list[dict]]
     trajectory: list[list[tuple[int, torch.Tensor]]] = field(default_factory=list)
+    nfe: list[int] = field(default_factory=list)
+    steps: int = 0
 
     def before(self, i: int) -> dict:
         return self.log[i][0]
@@ -61,14 +68,26 @@ class OptimizeResult:
         return self.log[i][self.best_iteration[i]]
 
 
-def _combined(rewards: Sequence[Reward], weights: Sequence[float],
-              heldout: bool) -> Callable[[torch.Tensor, Any], torch.Tensor] | None:
-    fns: list[RewardFn | None] = [r.heldout if heldout else r for r in rewards]
-    if any(f is None for f in fns):
+def _call(reward: Reward, fn: RewardFn, images: torch.Tensor, condition: Any,
+          estimates: list[torch.Tensor] | None, latent: torch.Tensor | None) -> torch.Tensor:
+    """``fn`` (the reward or its held-out twin) with the clean estimates it declared."""
+    if not reward.estimates:
+        return fn(images, condition)
+    est = None if estimates is None else estimates[-reward.estimates:]
+    return fn(images, condition, estimates=est, latent=latent)
+
+
+def _combined(rewards: Sequence[Reward], weights: Sequence[float]
+              ) -> Callable[..., torch.Tensor] | None:
+    """The weighted sum of the rewards' held-out twins (None unless all have one)."""
+    if any(r.heldout is None for r in rewards):
         return None
 
-    def total(images: torch.Tensor, condition: Any) -> torch.Tensor:
-        return sum(w * f(images, condition).to(torch.float64) for w, f in zip(weights, fns))
+    def total(images: torch.Tensor, condition: Any,
+              estimates: list[torch.Tensor] | None = None,
+              latent: torch.Tensor | None = None) -> torch.Tensor:
+        return sum(w * _call(r, r.heldout, images, condition, estimates, latent)
+                   .to(torch.float64) for w, r in zip(weights, rewards))
 
     return total
 
@@ -91,7 +110,11 @@ def optimize(backend: Any, seeds: torch.Tensor, rewards: Sequence[Reward | str],
 
     rewards: :class:`Reward` objects or specs (``class:3``); weights: one per reward (default
     1). condition/steps/guidance: as for :func:`latentgeo.diffusion.render` (a list condition
-    has one entry per seed). settings: :func:`latentgeo.optimize.presets.resolve` (default
+    has one entry per seed); steps/guidance None: the settings' (then the model's default).
+    A reward with ``estimates`` = k > 0 (``match``) makes the loop render with
+    ``render_grad(..., estimates=k)`` and pass it the decoded clean estimates of the last k
+    sampler states and the final clean latent (:class:`Reward`).
+    settings: :func:`latentgeo.optimize.presets.resolve` (default
     ``default``: the ``reno`` loop with the regulariser the reward-hacking table chose).
     heldout: ``f(images, condition) -> (B,)`` logged, never optimised (default: the
     weighted sum of each reward's held-out twin, when all have one). stop_at: a seed stops once
@@ -120,7 +143,13 @@ def optimize(backend: Any, seeds: torch.Tensor, rewards: Sequence[Reward | str],
     r_per_seed = isinstance(reward_condition, (list, tuple))
     r_conds = backend.per_row(reward_condition, b) if r_per_seed else None
     backend.check_condition(condition)
-    heldout_fn = heldout if heldout is not None else _combined(rewards, weights, heldout=True)
+    heldout_fn = heldout if heldout is not None else _combined(rewards, weights)
+    own_heldout = heldout is None
+    steps = settings.steps if steps is None else steps
+    guidance = settings.guidance if guidance is None else guidance
+    n_steps = backend.default_steps if steps is None else int(steps)
+    k_est = max(r.estimates for r in rewards)
+    nfe = [0] * b
     reg_fn, lam = REGULARIZERS[settings.reg], settings.reg_weight
     randomised = settings.reg in RANDOMISED
 
@@ -144,8 +173,15 @@ def optimize(backend: Any, seeds: torch.Tensor, rewards: Sequence[Reward | str],
         r_cond = [r_conds[i] for i in rows.tolist()] if r_per_seed else reward_condition
         with torch.enable_grad():
             za = z[rows].clone().requires_grad_(True)
-            images, _ = render_grad(backend, za, cond, steps, guidance, checkpoint=checkpoint)
-            parts = [r(images, r_cond) for r in rewards]
+            est: list[torch.Tensor] | None = None
+            if k_est:
+                images, x0, est = render_grad(backend, za, cond, steps, guidance,
+                                              checkpoint=checkpoint, estimates=k_est)
+            else:
+                images, x0 = render_grad(backend, za, cond, steps, guidance,
+                                         checkpoint=checkpoint)
+            parts = [r(images, r_cond, est, x0) if r.estimates else r(images, r_cond)
+                     for r in rewards]
             target = sum(w * p.to(torch.float64) for w, p in zip(weights, parts))
             regs = torch.stack([reg_fn(za[k], generator=_reg_generator(reg_seed, t))
                                 if randomised else reg_fn(za[k]) for k in range(len(rows))])
@@ -162,7 +198,17 @@ def optimize(backend: Any, seeds: torch.Tensor, rewards: Sequence[Reward | str],
                         g_reg = rescale_rows(g_reg, g_r)
                 grad = clip_rows(-(g_r - lam * g_reg), settings.clip).detach()
         with torch.no_grad():
-            held = heldout_fn(images.detach(), r_cond).detach().cpu() if heldout_fn else None
+            if heldout_fn is None:
+                held = None
+            elif own_heldout and k_est:
+                held = heldout_fn(images.detach(), r_cond,
+                                  [e.detach() for e in est] if est is not None else None,
+                                  x0.detach()).detach().cpu()
+            else:
+                held = heldout_fn(images.detach(), r_cond).detach().cpu()
+        per_eval = n_steps + (0 if last else 2 * n_steps + (n_steps if checkpoint else 0))
+        for i in rows.tolist():
+            nfe[i] += per_eval
         zd = za.detach()
         nz = norm_z_scores(zd).cpu()
         finite = torch.isfinite(objective)
@@ -209,4 +255,5 @@ def optimize(backend: Any, seeds: torch.Tensor, rewards: Sequence[Reward | str],
         if callback is not None:
             callback(t, rows.tolist(), records)
     return OptimizeResult(best_z.cpu().to(x.dtype), settings, [r.spec for r in rewards],
-                          weights, best_it, status, log, trajectory if keep_every else [])
+                          weights, best_it, status, log, trajectory if keep_every else [],
+                          nfe, n_steps)

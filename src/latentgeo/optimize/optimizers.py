@@ -22,7 +22,13 @@ OPTIMIZERS = ("sgd", "adamw")
 class OptimizerSpec:
     """name: 'sgd' (torch.optim.SGD, dampening 0) or 'adamw' (torch.optim.AdamW);
     lr; momentum and nesterov (sgd); betas, eps (adamw); weight_decay (sgd: L2 added to the
-    gradient; adamw: decoupled, p <- p (1 - lr wd))."""
+    gradient; adamw: decoupled, p <- p (1 - lr wd)).
+
+    Learning-rate schedule: a seed's steps are numbered 0, 1, 2, ... (its own count); step k
+    uses ``lr * decay`` once k >= ``decay_at`` (None: constant lr). SeedSelect's "lr / 10 from
+    iteration 3" is ``decay_at=3, decay=0.1`` (its code sets the optimiser's lr before the
+    step of loop index 3, so steps 0-2 use lr and steps 3+ lr / 10). The decayed lr also
+    scales AdamW's decoupled weight decay, as changing a torch param group's lr does."""
 
     name: str = "sgd"
     lr: float = 5.0
@@ -31,6 +37,15 @@ class OptimizerSpec:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    decay_at: int | None = None
+    decay: float = 0.1
+
+    def lr_at(self, step: torch.Tensor) -> torch.Tensor:
+        """The learning rate of step numbers ``step`` (long tensor, 0-based) as float64."""
+        lr = torch.full(step.shape, float(self.lr), dtype=torch.float64, device=step.device)
+        if self.decay_at is None:
+            return lr
+        return torch.where(step >= self.decay_at, lr * self.decay, lr)
 
     def check(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -40,6 +55,14 @@ class OptimizerSpec:
             raise InputError(f"learning rate {self.lr}: must be a positive number")
         if not 0 <= self.momentum < 1:
             raise InputError(f"momentum {self.momentum}: must lie in [0, 1)")
+        if self.decay_at is not None and (isinstance(self.decay_at, bool)
+                                          or int(self.decay_at) != self.decay_at
+                                          or self.decay_at < 0):
+            raise InputError(f"learning-rate decay step {self.decay_at}: must be a whole "
+                             "number >= 0")
+        if not (self.decay > 0 and self.decay < float("inf")):
+            raise InputError(f"learning-rate decay factor {self.decay}: must be a positive "
+                             "number")
 
 
 class RowOptimizer:
@@ -60,6 +83,9 @@ class RowOptimizer:
         s = self.spec
         x = x.clone()
         p, g = x[rows], grad.to(x.dtype)
+        lr: float | torch.Tensor = s.lr  # a Python float unless scheduled (bit-identical)
+        if s.decay_at is not None:
+            lr = s.lr_at(self.t[rows]).to(x.dtype).view(-1, *[1] * (p.ndim - 1))
         self.t[rows] += 1
         if s.name == "sgd":
             if s.weight_decay:
@@ -69,15 +95,15 @@ class RowOptimizer:
                 buf = torch.where(first, g, s.momentum * self.buf[rows] + g)
                 self.buf[rows] = buf
                 g = g + s.momentum * buf if s.nesterov else buf
-            x[rows] = p - s.lr * g
+            x[rows] = p - lr * g
             return x
         b1, b2 = s.betas
-        p = p * (1 - s.lr * s.weight_decay)
+        p = p * (1 - lr * s.weight_decay)
         m = b1 * self.buf[rows] + (1 - b1) * g
         v = b2 * self.v[rows] + (1 - b2) * g * g
         self.buf[rows], self.v[rows] = m, v
         t = self.t[rows].to(x.dtype).view(-1, *[1] * (p.ndim - 1))
-        step_size = s.lr / (1 - b1 ** t)
+        step_size = lr / (1 - b1 ** t)
         denom = (v / (1 - b2 ** t)).sqrt() + s.eps
         x[rows] = p - step_size * m / denom
         return x

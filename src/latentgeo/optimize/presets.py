@@ -15,6 +15,14 @@
   and lambda chosen by the reward-hacking table (``docs/results/optimize.md``: the best held-out
   success among the regularisers at the lambda whose target success is nearest 90%), its
   gradient rescaled to the reward gradient's norm times lambda.
+* ``seedselect`` (Samuel et al. 2023, code dvirsamuel/SeedSelect, main.py): AdamW lr 0.1
+  (torch's default weight decay 0.01), divided by 10 from iteration 3 on, 30 iterations,
+  20 DDIM steps, no clipping, no regulariser; meant for the ``match:DIR`` reward.
+* ``nao-seedselect`` (the same code's NAO_SeedSelect): 5 iterations, lr 0.05 divided by 10 from
+  iteration 3, guidance 1, 20 steps; meant for seeds started by ``optimize.init.start_seeds``.
+
+``steps`` and ``guidance`` of a preset are None (the model's default) except for the two
+SeedSelect presets; an explicit ``steps``/``guidance`` given to ``optimize`` wins.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from latentgeo.regularizers import REGULARIZERS
 class Settings:
     """One optimisation loop: optimiser, per-seed clip (None: none), iterations, regulariser
     name and weight lambda, whether the regulariser's gradient is rescaled to the reward
-    gradient's norm before weighting (then lambda is a ratio of norms)."""
+    gradient's norm before weighting (then lambda is a ratio of norms); the sampler steps
+    and guidance the loop renders with (None: the model's default)."""
 
     preset: str
     optimizer: OptimizerSpec
@@ -39,6 +48,8 @@ class Settings:
     reg: str
     reg_weight: float
     rescale: bool
+    steps: int | None = None
+    guidance: float | None = None
 
     def check(self) -> None:
         self.optimizer.check()
@@ -51,6 +62,9 @@ class Settings:
             raise InputError(f"regulariser weight {self.reg_weight}: must be a number >= 0")
         if self.clip is not None and not self.clip > 0:
             raise InputError(f"gradient clip {self.clip}: must be positive")
+        if self.steps is not None and (isinstance(self.steps, bool)
+                                       or int(self.steps) != self.steps or self.steps < 1):
+            raise InputError(f"steps {self.steps}: must be a whole number >= 1")
 
 
 #: The regulariser and lambda the table chose (docs/results/optimize.md, "Verdict").
@@ -66,14 +80,25 @@ PRESETS: dict[str, Settings] = {
                      clip=0.01, iters=500, reg="mpgr", reg_weight=1.0, rescale=True),
     "dno": Settings("dno", OptimizerSpec("adamw", lr=0.01, weight_decay=0.01),
                     clip=1.0, iters=50, reg="dno", reg_weight=1.0, rescale=False),
+    "seedselect": Settings("seedselect", OptimizerSpec("adamw", lr=0.1, weight_decay=0.01,
+                                                       decay_at=3, decay=0.1),
+                           clip=None, iters=30, reg="none", reg_weight=0.0, rescale=False,
+                           steps=20),
+    "nao-seedselect": Settings("nao-seedselect",
+                               OptimizerSpec("adamw", lr=0.05, weight_decay=0.01, decay_at=3,
+                                             decay=0.1),
+                               clip=None, iters=5, reg="none", reg_weight=0.0, rescale=False,
+                               steps=20, guidance=1.0),
 }
 
 
 def resolve(preset: str = "default", *, optimizer: str | None = None, lr: float | None = None,
             momentum: float | None = None, clip: float | None = None, iters: int | None = None,
             reg: str | None = None, reg_weight: float | None = None,
-            rescale: bool | None = None) -> Settings:
-    """The preset's settings with every given (non-None) value overriding it; checked."""
+            rescale: bool | None = None, steps: int | None = None,
+            guidance: float | None = None) -> Settings:
+    """The preset's settings with every given (non-None) value overriding it; checked. A new
+    ``optimizer`` keeps the preset's lr (and its schedule for adamw -> adamw only)."""
     if preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     s = PRESETS[preset]
@@ -90,6 +115,8 @@ def resolve(preset: str = "default", *, optimizer: str | None = None, lr: float 
                   iters=s.iters if iters is None else iters,
                   reg=s.reg if reg is None else reg,
                   reg_weight=s.reg_weight if reg_weight is None else float(reg_weight),
-                  rescale=s.rescale if rescale is None else bool(rescale))
+                  rescale=s.rescale if rescale is None else bool(rescale),
+                  steps=s.steps if steps is None else int(steps),
+                  guidance=s.guidance if guidance is None else float(guidance))
     out.check()
     return out
