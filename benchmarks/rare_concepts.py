@@ -540,7 +540,17 @@ def verdict(p: Protocol, rows: dict[str, dict], down: dict[str, dict]) -> list[s
                 f"examples + {top[0]} ({pct(top[1]['accuracy'])} held-out accuracy) vs "
                 f"{pct(real['accuracy'])} "
                 f"from the {p.k} examples per class alone (mean over {p.clf_seeds} training "
-                "seeds; the interval is over training seeds only).")
+                "seeds; the interval is over training seeds only): "
+                + ("above the examples alone, intervals disjoint" if top[1]["accuracy"][1]
+                   > real["accuracy"][2] else "below the examples alone, intervals disjoint"
+                   if top[1]["accuracy"][2] < real["accuracy"][1] else
+                   "the intervals overlap, no significant difference")
+                + ". " + ("Adding the generated images helps no method significantly."
+                          if all(v["accuracy"][1] <= real["accuracy"][2] for v in gens.values())
+                          else "")
+                + "".join(f" With {k} (a reference, not a method): "
+                          f"{pct(v['accuracy'])}." for k, v in down.items()
+                          if k.endswith(" real")))
     return out
 
 
@@ -642,7 +652,10 @@ def write_report(out: Path, p: Protocol, quick: bool, rows: dict[str, dict],
     if samples is not None:
         text += ["## Samples", "", f"![samples]({samples.name})", "",
                  "Columns: classes; rows: the first example, then the first image of each "
-                 "method.", ""]
+                 "method (for NAO starts the centroid's render).", "",
+                 f"![class {p.classes[0]}](rare_concepts_class{p.classes[0]}.png)", "",
+                 f"Every image of class {p.classes[0]} (the first class, not a chosen one): the "
+                 f"{p.k} examples, then the {p.n} images of each method.", ""]
     (out / "rare_concepts.md").write_text("\n".join(text))
     _atomic_json(out / "rare_concepts.json", {
         "protocol": asdict(p), "quick": quick, "rows": rows, "anchors": anchors,
@@ -661,6 +674,25 @@ def plot_samples(path: Path, examples: dict[int, torch.Tensor],
             stack.append(torch.stack([images[m][c][0] if c in images[m] else blank
                                       for c in classes]))
     grid = make_grid(torch.cat(stack), nrow=len(classes))
+    grid = label_rows(upscale(grid, 2), names, cell_height=2 * 34, padding=4)
+    save_image(path, grid, force=True)
+    return path
+
+
+def plot_class(path: Path, c: int, examples: torch.Tensor,
+               images: dict[str, dict[int, torch.Tensor]]) -> Path:
+    from latentgeo.images import label_rows, make_grid, save_image, upscale
+
+    names, stack = ["examples"], [examples]
+    width = max([len(examples)] + [len(images[m][c]) for m in METHODS
+                                   if c in images.get(m, {})])
+    blank = torch.full((1, 1, 32, 32), 0.5)
+    for m in METHODS:
+        if c in images.get(m, {}):
+            names.append(LABELS[m])
+            stack.append(images[m][c])
+    stack = [torch.cat([s, blank.expand(width - len(s), -1, -1, -1)]) for s in stack]
+    grid = make_grid(torch.cat(stack), nrow=width)
     grid = label_rows(upscale(grid, 2), names, cell_height=2 * 34, padding=4)
     save_image(path, grid, force=True)
     return path
@@ -715,6 +747,8 @@ def report(p: Protocol, cache: Path, out: Path, quick: bool) -> int:
         out.mkdir(parents=True, exist_ok=True)
         samples = plot_samples(out / "rare_concepts_samples.png", examples, images,
                                list(p.classes))
+        plot_class(out / f"rare_concepts_class{p.classes[0]}.png", p.classes[0],
+                   examples[p.classes[0]], images)
     write_report(out, p, quick, rows, anchors, down, missing, samples, test[1])
     log(f"wrote {out / 'rare_concepts.md'}" + (f" ({len(missing)} cells missing)"
                                                 if missing else ""))

@@ -50,6 +50,7 @@ def test_rare_concepts_quick_two_workers_and_resume(tmp_path, capfd):
         assert fragment in report, fragment
     assert "Incomplete run" not in report
     assert (out / "rare_concepts_samples.png").stat().st_size > 0
+    assert (out / "rare_concepts_class0.png").stat().st_size > 0
     res = json.loads((out / "rare_concepts.json").read_text())
     assert set(res["rows"]) == {"random", "random+ss", "nao", "nao+ss", "normalized+ss"}
     assert res["missing"] == []
