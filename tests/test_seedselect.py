@@ -147,8 +147,12 @@ def test_render_grad_estimates_default_path_unchanged(pix):
         b = render_grad(pix, z, steps=4, estimates=2)
     assert len(a) == 2 and len(b) == 3
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
-    with pytest.raises(InputError, match="5 clean estimates"):
-        render_grad(pix, z, steps=4, estimates=5)
+    with pytest.raises(InputError, match="6 clean estimates"):
+        render_grad(pix, z, steps=4, estimates=6)
+    with torch.no_grad():  # all S + 1 states: the first is the seed's own clean estimate
+        _, _, est = render_grad(_RawDecode(pix), z, steps=2, estimates=3)
+    _, preds = _diffusers_states(pix, z, 2)
+    torch.testing.assert_close(est[0], preds[0], rtol=1e-4, atol=1e-4)
 
 
 def test_match_reward_judge_features_and_heldout_on_the_digit_model():
@@ -169,11 +173,36 @@ def test_match_reward_judge_features_and_heldout_on_the_digit_model():
         torch.testing.assert_close(reward(refs[:1]).double(), -(10 * sem + app))
 
 
+def test_match_spec_reads_a_folder_and_warns_on_unreadable_files(pix, tmp_path):
+    from latentgeo.images import load_image_folder, save_image
+    from latentgeo.optimize import parse_reward
+
+    refs = references(pix, 2)
+    for i, img in enumerate(refs):
+        save_image(tmp_path / f"r{i}.png", img)
+    (tmp_path / "zz.png").write_bytes(b"broken")
+    with pytest.warns(UserWarning, match="zz.png"):
+        reward = parse_reward(f"match:{tmp_path}", pix)
+    assert reward.spec == f"match:{tmp_path}" and reward.estimates == 3
+    images, paths, problems = load_image_folder(tmp_path, 16, 1)
+    assert [p.name for p in paths] == ["r0.png", "r1.png"] and len(problems) == 1
+    same = match_reward(pix, images)
+    z = gauss(2, pix.latent_shape, 1)
+    with torch.no_grad():
+        imgs, x0, est = render_grad(pix, z, steps=3, estimates=3)
+        torch.testing.assert_close(reward(imgs, None, est, x0), same(imgs, None, est, x0))
+    with pytest.raises(InputError, match="no such directory"):
+        parse_reward(f"match:{tmp_path / 'nowhere'}", pix)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no image files"):
+        parse_reward(f"match:{tmp_path / 'empty'}", pix)
+
+
 def test_match_needs_a_feature_model_off_the_digit_models():
     from tests.tiny_sd import tiny_sd_path
 
     sd = load_model(str(tiny_sd_path()))
-    with pytest.raises(InputError, match="feature-model"):
+    with pytest.raises(InputError, match="feature_model"):
         match_reward(sd, torch.rand(2, 3, 16, 16))
 
 
@@ -223,17 +252,20 @@ def test_start_seeds_other_centroids_random_and_errors(pix):
 
 
 # -- the loop --------------------------------------------------------------------------------------
-def test_batch_equals_singles_with_the_match_reward(pix):
+@pytest.mark.parametrize("features", ["linear", "judge"])
+def test_batch_equals_singles_with_the_match_reward(pix, features):
     refs = references(pix, 3)
-    reward = match_reward(pix, refs, LinearFeatures(int(np.prod(refs.shape[1:]))))
+    reward = match_reward(pix, refs, LinearFeatures(int(np.prod(refs.shape[1:])))
+                          if features == "linear" else None)
     z = gauss(3, pix.latent_shape, 9)
     settings = resolve("seedselect", iters=4, steps=4)
     batch = optimize(pix, z, [reward], settings=settings)
     for i in range(3):
         one = optimize(pix, z[i:i + 1], [reward], settings=settings)
         torch.testing.assert_close(batch.seeds[i:i + 1], one.seeds, rtol=1e-5, atol=1e-6)
-        assert [r["target"] for r in batch.log[i]] == pytest.approx(
-            [r["target"] for r in one.log[0]], rel=1e-5, abs=1e-6)
+        for key in ("target", "heldout"):
+            assert [r[key] for r in batch.log[i]] == pytest.approx(
+                [r[key] for r in one.log[0]], rel=1e-5, abs=1e-6, nan_ok=True)
     assert batch.steps == 4
     # 4 steps: 5 evaluations x 4 forwards + 4 steps x (2 x 4 backward + 4 recomputed)
     assert batch.nfe == [5 * 4 + 4 * 12] * 3

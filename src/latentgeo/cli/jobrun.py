@@ -467,6 +467,7 @@ def seed_record(res: Any, i: int, seed: str, output: str) -> dict[str, Any]:
     before, best = res.before(i), res.best(i)
     return {"seed": seed, "output": output, "status": res.status[i],
             "best_iteration": res.best_iteration[i], "iterations": len(res.log[i]) - 1,
+            "nfe": res.nfe[i] if res.nfe else None,
             "reward_before": before["target"], "reward_after": best["target"],
             "heldout_before": before["heldout"], "heldout_after": best["heldout"],
             "regularizer_before": before["regularizer"],
@@ -510,19 +511,39 @@ def seed_items_or_refuse(seed_paths: Sequence[Path], latent_shape: Sequence[int]
 
 
 # -- optimize -------------------------------------------------------------------------------------
+def _settings_options(d: dict[str, Any]) -> dict[str, Any]:
+    """The settings as provenance options, without the fields added for SeedSelect while they
+    hold their neutral defaults (no lr schedule, the model's steps and guidance), so a folder
+    written before they existed still resumes."""
+    d = dict(d, optimizer=dict(d["optimizer"]))
+    if d["optimizer"].get("decay_at") is None:
+        d["optimizer"].pop("decay_at", None)
+        d["optimizer"].pop("decay", None)
+    for key in ("steps", "guidance"):
+        if d.get(key) is None:
+            d.pop(key, None)
+    return d
+
+
 def optimize_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, suffix: str,
                  rewards: Sequence[Any], reward_specs: Sequence[str],
                  weights: Sequence[float] | None, settings: Any, condition: Any,
                  steps: int | None, guidance: float | None, stop_at: float | None,
                  render_dir: Path | None, batch_size: int, force: bool, quiet: bool,
-                 keep_rows: bool, shard: Shard, launch: Launch
+                 keep_rows: bool, shard: Shard, launch: Launch,
+                 start: tuple[Sequence[str], torch.Tensor, str] | None = None,
+                 extra_options: dict[str, Any] | None = None
                  ) -> tuple[JobResult, dict[str, Any]]:
     """Optimise this shard's seeds ``--batch-size`` at a time (every seed is its own problem,
     and the randomised regularisers draw the same permutations for a batch as for single seeds,
     so chunking changes no result): ``out/KEY.SUFFIX`` per seed with its provenance, and with
     ``render_dir`` ``KEY_before.png``, ``KEY_after.png``, ``KEY_trajectory.png`` (written
     first, so an existing seed file means its pictures are there). Metrics per seed: rewards,
-    held-out reward, regulariser and norm z before/after, best iteration, status."""
+    held-out reward, regulariser and norm z before/after, best iteration, status.
+
+    ``start`` = (keys, seeds (N, *latent_shape), label): optimise these in-memory start seeds
+    (``optimize --init``) instead of ``seed_paths``; item i is keyed ``keys[i]`` and named
+    ``LABEL[i]``. ``extra_options`` join the provenance (e.g. hashes of reference images)."""
     from dataclasses import asdict
 
     import torch
@@ -533,19 +554,23 @@ def optimize_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, suffix:
     from latentgeo.images import make_grid, upscale
     from latentgeo.optimize import optimize as run_optimize
 
-    given, problems = seed_items_or_refuse(seed_paths, backend.latent_shape)
-    if problems:  # optimize refuses a partly unusable input set (its earlier rule)
-        more = f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ""
-        raise InputError(problems[0] + more)
+    if start is not None:
+        keys, start_z, label = start
+        given = [jobs.Item(k, f"{label}[{i}]", i) for i, k in enumerate(keys)]
+    else:
+        given, problems = seed_items_or_refuse(seed_paths, backend.latent_shape)
+        if problems:  # optimize refuses a partly unusable input set (its earlier rule)
+            more = f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ""
+            raise InputError(problems[0] + more)
     all_items = jobs.sort_items(given)
     mine = jobs.shard_items(all_items, shard)
     n_steps = backend.default_steps if steps is None else int(steps)
-    options = {"command": "optimize", "settings": asdict(settings),
+    options = {"command": "optimize", "settings": _settings_options(asdict(settings)),
                "rewards": list(reward_specs), "weights": None if not weights else list(weights),
                "steps": n_steps, "guidance": backend.effective_guidance(condition, guidance),
                "condition": condition, "stop_at": stop_at, "reg_seed": 0,
                "render": render_dir is not None,
-               "dtype": str(backend.dtype).removeprefix("torch.")}
+               "dtype": str(backend.dtype).removeprefix("torch."), **(extra_options or {})}
     fingerprint = model_fingerprint(backend)
     keep = keep_rows or len(mine) <= MAX_TABLE_ROWS
     position = {it.key: i for i, it in enumerate(given)} if keep else {}
@@ -557,8 +582,13 @@ def optimize_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, suffix:
     def target(it: Item) -> Path:
         return out / f"{it.key}{suffix}"
 
+    def load_start(it: Item) -> torch.Tensor:
+        return start_z[int(it.ref)].to(torch.float32).contiguous()
+
+    read = jobs.load_seed if start is None else load_start
+
     def load(it: Item) -> tuple[torch.Tensor, str]:
-        x = jobs.load_seed(it)
+        x = read(it)
         return x, jobs.tensor_hash(x)
 
     def save_picture(path: Path, img: torch.Tensor, prov: Provenance) -> None:
@@ -602,7 +632,8 @@ def optimize_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, suffix:
             metrics = {k: rec[k] for k in ("reward_before", "reward_after", "heldout_before",
                                            "heldout_after", "regularizer_before",
                                            "regularizer_after", "norm_z_before",
-                                           "norm_z_after", "best_iteration", "status")}
+                                           "norm_z_after", "best_iteration", "status",
+                                           "nfe")}
             outcomes.append(jobs.Outcome(path, metrics))
             if keep:
                 rec["log"] = res.log[i]
@@ -610,7 +641,7 @@ def optimize_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, suffix:
         return outcomes
 
     report = drive("optimize", mine, out, target=target,
-                   input_hash=lambda it: jobs.tensor_hash(jobs.load_seed(it)), options=options,
+                   input_hash=lambda it: jobs.tensor_hash(read(it)), options=options,
                    fingerprint=fingerprint, load=load, process=process, batch_size=batch_size,
                    shard=shard, launch=launch, force=force, quiet=quiet,
                    label=f"optimising {len(mine)} seed(s) ({settings.preset})")

@@ -70,19 +70,21 @@ def render_grad(backend: Any, seeds: torch.Tensor, condition: Any = None,
 
     ``estimates`` = k > 0 also returns the decoded clean estimates of the last k sampler
     states, oldest first, as a third item: a list of k images (B, C, H, W). The states are
-    those after steps S-k, ..., S-1 of the S-step grid (the ones SeedSelect decodes); the
-    clean estimate of the state after step j < S-1 is the x0_hat that step j + 1 forms from
-    it (no extra network call), and that of the final state is the final sample itself, so
-    the last entry *is* ``images``. Each extra decode is checkpointed like the final one.
-    k must lie in 1..S. With k = 0 (default) nothing is kept or decoded beyond today's path.
+    those after steps S-k, ..., S-1 of the S-step grid (the ones SeedSelect decodes; "after
+    step -1" is the seed); the clean estimate of the state after step j < S-1 is the x0_hat
+    that step j + 1 forms from it (no extra network call), and that of the final state is the
+    final sample itself, so the last entry *is* ``images``. Each extra decode is checkpointed
+    like the final one. k must lie in 0..S+1; with k = 0 (default) nothing is kept or decoded
+    beyond the plain path.
     """
     seeds = backend.check_seeds(seeds)
     steps = backend.default_steps if steps is None else int(steps)
     grid = backend.grid(steps)
     n = len(grid)
     k = int(estimates)
-    if k < 0 or k > n:
-        raise InputError(f"{k} clean estimates asked for from a {n}-step render (need 0..{n})")
+    if k < 0 or k > n + 1:
+        raise InputError(f"{k} clean estimates asked for from a {n}-step render (need "
+                         f"0..{n + 1})")
     kept: list[torch.Tensor] = []
     step_cb = callback
     if k > 1:

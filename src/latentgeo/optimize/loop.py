@@ -148,7 +148,7 @@ def optimize(backend: Any, seeds: torch.Tensor, rewards: Sequence[Reward | str],
     steps = settings.steps if steps is None else steps
     guidance = settings.guidance if guidance is None else guidance
     n_steps = backend.default_steps if steps is None else int(steps)
-    k_est = max(r.estimates for r in rewards)
+    k_est = min(max(r.estimates for r in rewards), n_steps + 1)  # a short grid has fewer
     nfe = [0] * b
     reg_fn, lam = REGULARIZERS[settings.reg], settings.reg_weight
     randomised = settings.reg in RANDOMISED

@@ -50,7 +50,8 @@ class Reward:
     ``estimates`` = k > 0 declares that the reward also reads the decoded clean estimates of
     the last k sampler states and the final clean latent: the loop then renders with
     ``render_grad(..., estimates=k)`` and calls ``fn(images, condition, estimates=[k images,
-    oldest first, the last being ``images``], latent=x0)`` (the held-out twin likewise).
+    oldest first, the last being ``images``], latent=x0)`` (the held-out twin likewise); a
+    grid of S < k - 1 steps has only S + 1 states, and the reward gets those.
     Called without them (``reward(images)``), such a reward gets None for both and must
     cope (``match`` then scores every term on the final image and re-encodes it)."""
 
@@ -350,7 +351,7 @@ def match_reward(backend: Any, references: torch.Tensor, feature_model: Any = No
         if getattr(backend, "family", "") != "pixel" or getattr(backend, "image_channels",
                                                                   0) != 1:
             raise InputError(f"reward match needs a feature model for {backend.name} (a "
-                             f"{backend.family} model): give --feature-model PATH (a local "
+                             f"{backend.family} model): give feature_model (a local "
                              "transformers CLIPModel folder)")
         features: Any = JudgeFeatures(_judge("a", dev))
         heldout_features = JudgeFeatures(_judge("b", dev))
