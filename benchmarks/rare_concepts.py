@@ -602,7 +602,8 @@ def verdict(p: Protocol, rows: dict[str, dict], down: dict[str, dict],
 
 def write_report(out: Path, p: Protocol, quick: bool, rows: dict[str, dict],
                  anchors: dict[str, dict], down: dict[str, dict], missing: list[str],
-                 samples: Path | None, test_y: torch.Tensor) -> None:
+                 samples: Path | None, test_y: torch.Tensor,
+                 timing: list[dict] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/rare_concepts.py" + (" --quick" if quick else "")
     test_acc = down["examples only"]["accuracy"][0] if "examples only" in down else 0.5
@@ -698,7 +699,22 @@ def write_report(out: Path, p: Protocol, quick: bool, rows: dict[str, dict],
         text += [f"**Incomplete run**: cells not measured (never invented): "
                  f"{', '.join(missing)}. Rows with missing cells average the classes measured "
                  "(listed in the JSON).", ""]
-    text += ["## Cost breakdown (NFE per image)", "", *parts, "",
+    text += ["## Cost breakdown (NFE per image)", "", *parts, ""]
+    if timing:
+        c0 = timing[0]["class"]
+        text += [f"Timing check (`--timing`): class {c0} measured again for every method, back "
+                 "to back in one process (the cells above ran one after another under changing "
+                 "load), from scratch (its own inversion):", "",
+                 "| method | NFE / image | s / image | ms per NFE | load average (1 min) |",
+                 "|---|---|---|---|---|"]
+        for r in timing:
+            loads = [*r["load_start"], *r["load"]]
+            text.append(f"| {LABELS[r['method']]} | {r['nfe_per_image']:.0f} | "
+                        f"{r['seconds_per_image']:.2f} | "
+                        f"{1000 * r['seconds_per_image'] / r['nfe_per_image']:.1f} | "
+                        f"{min(loads):.2f}-{max(loads):.2f} |")
+        text.append("")
+    text += [
              "## Per class (judge-B hits / N, class-wise KID)", "", *per, "",
              "## Downstream classifier", "",
              "A fresh small CNN (conv 5x5 1->16, ReLU, max-pool; conv 5x5 16->32, ReLU, "
@@ -815,7 +831,9 @@ def report(p: Protocol, cache: Path, out: Path, quick: bool) -> int:
                                list(p.classes))
         plot_class(out / f"rare_concepts_class{p.classes[0]}.png", p.classes[0],
                    examples[p.classes[0]], images)
-    write_report(out, p, quick, rows, anchors, down, missing, samples, test[1])
+    timing = [r for m in METHODS if (r := load_cell(cache / "timing", m, p.classes[0]))]
+    write_report(out, p, quick, rows, anchors, down, missing, samples, test[1],
+                 [r[0] for r in timing])
     log(f"wrote {out / 'rare_concepts.md'}" + (f" ({len(missing)} cells missing)"
                                                 if missing else ""))
     return 0
@@ -846,6 +864,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker-jobs", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--report-only", action="store_true",
                     help="write the report from the cells cached so far")
+    ap.add_argument("--timing", action="store_true",
+                    help="timing check: measure the first class again for every method, back "
+                         "to back in one process, into CACHE/timing (a table in the report)")
     args = ap.parse_args(argv)
     p = QUICK if args.quick else FULL
     try:
@@ -874,6 +895,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     _atomic_json(stamp, proto)
+    if args.timing:
+        (cache / "timing").mkdir(exist_ok=True)
+        measure(p, cache / "timing", [p.classes[0]], list(METHODS), 1)
+        return 0
     if not args.report_only:
         if args.jobs == 1:
             measure(p, cache, classes, methods, args.worker_jobs or 1)
