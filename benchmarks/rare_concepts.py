@@ -705,14 +705,15 @@ def write_report(out: Path, p: Protocol, quick: bool, rows: dict[str, dict],
         text += [f"Timing check (`--timing`): class {c0} measured again for every method, back "
                  "to back in one process (the cells above ran one after another under changing "
                  "load), from scratch (its own inversion):", "",
-                 "| method | NFE / image | s / image | ms per NFE | load average (1 min) |",
-                 "|---|---|---|---|---|"]
+                 "| method | NFE / image | s / image | ms per NFE | load average (1 min) | "
+                 "images bit-identical to the table's cell |", "|---|---|---|---|---|---|"]
         for r in timing:
             loads = [*r["load_start"], *r["load"]]
             text.append(f"| {LABELS[r['method']]} | {r['nfe_per_image']:.0f} | "
                         f"{r['seconds_per_image']:.2f} | "
                         f"{1000 * r['seconds_per_image'] / r['nfe_per_image']:.1f} | "
-                        f"{min(loads):.2f}-{max(loads):.2f} |")
+                        f"{min(loads):.2f}-{max(loads):.2f} | "
+                        + {True: "yes", False: "**no**", None: "-"}[r.get("identical")] + " |")
         text.append("")
     text += [
              "## Per class (judge-B hits / N, class-wise KID)", "", *per, "",
@@ -832,6 +833,9 @@ def report(p: Protocol, cache: Path, out: Path, quick: bool) -> int:
         plot_class(out / f"rare_concepts_class{p.classes[0]}.png", p.classes[0],
                    examples[p.classes[0]], images)
     timing = [r for m in METHODS if (r := load_cell(cache / "timing", m, p.classes[0]))]
+    for row, imgs in timing:  # the rerun must reproduce the table's cell bit for bit
+        main_cell = images.get(row["method"], {}).get(p.classes[0])
+        row["identical"] = None if main_cell is None else bool(torch.equal(imgs, main_cell))
     write_report(out, p, quick, rows, anchors, down, missing, samples, test[1],
                  [r[0] for r in timing])
     log(f"wrote {out / 'rare_concepts.md'}" + (f" ({len(missing)} cells missing)"
