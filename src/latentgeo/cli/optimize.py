@@ -21,10 +21,12 @@ from latentgeo.cli.options import (
     Height,
     Json,
     Model,
+    NumOptional,
     Offload,
     Output,
     Prompt,
     Render,
+    Seed,
     Shard,
     SoftTokensFile,
     Steps,
@@ -48,11 +50,6 @@ Init = Annotated[str | None, typer.Option(
     "--init", help="Start seeds made here instead of SEEDS files (with -n): random (with "
     "--seed), nao:DIR (invert the images in DIR, NAO centroid and the NAO paths towards "
     "them), centroid:METHOD:DIR (another centroid method, same paths).")]
-NumInit = Annotated[int | None, typer.Option(
-    "-n", "--num", min=1, max=100_000, help="Number of start seeds with --init (the "
-    "centroid, then the rest shared evenly over the paths).")]
-InitSeed = Annotated[int, typer.Option(
-    "--seed", min=0, max=2**63 - 1, help="Generator seed of --init random.")]
 FeatureModel = Annotated[Path | None, typer.Option(
     "--feature-model", help="Local transformers CLIPModel folder whose image features "
     "match:DIR compares (default on digit models: judge A's penultimate layer).")]
@@ -163,8 +160,8 @@ def optimize(
     reward: RewardSpec,
     seeds: Seeds = None,
     init: Init = None,
-    num: NumInit = None,
-    seed: InitSeed = 0,
+    num: NumOptional = None,
+    seed: Seed = 0,
     feature_model: FeatureModel = None,
     reward_weight: RewardWeight = None,
     reward_model: RewardModel = None,

@@ -105,6 +105,10 @@ Json = Annotated[bool, typer.Option("--json", help="Print results as JSON on std
 Seed = Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED,
                                    help="Random seed (torch.Generator on the CPU).")]
 Num = Annotated[int, typer.Option("-n", "--num", min=1, help="Number of seeds.")]
+#: ``-n`` where it is optional (``optimize``: the start seeds of ``--init``).
+NumOptional = Annotated[int | None, typer.Option(
+    "-n", "--num", min=1, max=100_000, help="Number of seeds (optimize: how many start seeds "
+    "--init makes: the centroid, then the rest shared evenly over the paths).")]
 Points = Annotated[int, typer.Option("--points", min=2, max=100_000,
                                      help="Points on the path, endpoints included.")]
 MaxIters = Annotated[int | None, typer.Option(
