@@ -82,7 +82,10 @@ def paused(tensors, filename, metadata=None):
     calls[0] += 1
     real(tensors, filename, metadata=metadata)  # the temporary file is complete: now wait
     if calls[0] == at:
-        ready.write_text(str(filename))
+        # atomically: the test polls for the marker and reads it at once
+        part = ready.with_name(ready.name + ".part")
+        part.write_text(str(filename))
+        os.replace(part, ready)
         deadline = time.time() + 60
         while not go.exists() and time.time() < deadline:
             time.sleep(0.01)
