@@ -14,8 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from latentgeo.diffusion.recompute import recompute
 from latentgeo.diffusion.sampler import StepCallback, sample
 from latentgeo.errors import InputError, ShapeError
 
@@ -62,17 +62,16 @@ def render_grad(backend: Any, seeds: torch.Tensor, condition: Any = None,
     clean latents x0 (B, *latent_shape)), both on the backend's device with autograd graphs
     back to ``seeds`` (when gradients are enabled).
 
-    ``checkpoint``: recompute every sampler step and the decoder in the backward pass, so
-    activation memory is one step's (the network's weights stay frozen; gradients flow to
-    the input only). ``callback(i, x, x0_hat)`` sees each step's outputs, graph attached.
+    ``checkpoint``: recompute every sampler step and the decoder in the backward pass
+    (:func:`latentgeo.diffusion.recompute.recompute`), so activation memory is one step's and
+    the forward keeps one seed-sized tensor per step (the network's weights stay frozen;
+    gradients flow to the seeds only). ``callback(i, x, x0_hat)`` sees each step's outputs,
+    graph attached.
     """
     seeds = backend.check_seeds(seeds)
     steps = backend.default_steps if steps is None else int(steps)
     grid = backend.grid(steps)
     x0 = sample(backend.model_fn(condition, guidance), seeds.to(backend.device), grid, callback,
                 checkpoint=checkpoint)
-    if checkpoint and torch.is_grad_enabled():
-        images = _checkpoint(backend.decode, x0, use_reentrant=False)
-    else:
-        images = backend.decode(x0)
+    images = recompute(backend.decode, x0) if checkpoint else backend.decode(x0)
     return images, x0
