@@ -792,7 +792,7 @@ def _pt_tensor(path: Path) -> torch.Tensor:
     return check_latent_layout(x, str(path))
 
 
-def seed_items(paths: Sequence[Path], latent_shape: Sequence[int]
+def seed_items(paths: Sequence[str | os.PathLike], latent_shape: Sequence[int]
                ) -> tuple[list[Item], list[str]]:
     """One Item per seed, values not read, and one problem line per file that cannot be used.
 
