@@ -10,12 +10,18 @@ the number of seeds.
    2 x 1 >= 1.7 x the 1 x 1 rate. Each case runs ``--repeats`` times (best of).
 2. Memory (``--part memory``): peak resident set (``wait4`` of the child) of
    ``latentgeo render --steps 5`` on 1,000 and on 10,000 seeds, given as a folder of one file per
-   seed and as one batch file; growth per extra seed = (RSS(10k) - RSS(1k)) / 9,000. Target:
-   < 1 KB per seed (a seed is 4 KB: holding every seed, or every image, fails this). The
-   budget (9 MiB over 9,000 seeds) is about the run-to-run noise of the peak on a loaded
-   machine: use ``--mem-repeats 3`` (smallest peak of three) on a quiet one.
+   seed and as one batch file; growth per extra seed = (RSS(10k) - RSS(1k)) / 9,000, from the
+   median peak of ``--mem-repeats`` runs per size (every run is printed). Target: < 1 KB per
+   seed (a seed is 4 KB: holding every seed, or every image, fails this); the budget is 9 MiB
+   over 9,000 seeds. The CLI's default applies: ``malloc_trim(0)`` after every chunk
+   (:mod:`latentgeo.cli.memory`). Also printed: the Python memory the job holds per input
+   (tracemalloc; deterministic), for both kinds of input.
+3. Trim (``--part trim``): the same ``render`` of ``--trim-seeds`` seeds (folder), with the
+   per-chunk ``malloc_trim`` (default) and without (``LATENTGEO_MALLOC_TRIM=0``), alternating,
+   ``--mem-repeats`` runs each: loop seconds (manifest), CPU seconds (``wait4``) and the peak
+   RSS of every run, i.e. what the trim costs and how much it steadies the peak.
 
-Usage: ``python benchmarks/bench_scale.py [--part all|throughput|memory] [--seeds 96]
+Usage: ``python benchmarks/bench_scale.py [--part all|throughput|memory|trim] [--seeds 96]
 [--steps 10] [--small 1000] [--large 10000]``. Writes nothing outside a temporary folder.
 On a shared machine the absolute rates are low and noisy; the ratios are measured in one run.
 """
@@ -115,45 +121,54 @@ def throughput(args: argparse.Namespace, tmp: Path) -> dict:
     return res
 
 
-def peak_rss_kb(cmd: list[str], e: dict[str, str]) -> tuple[int, float]:
-    """(peak resident set of the child in KiB, wall seconds), from wait4's rusage."""
+def peak_rss_kb(cmd: list[str], e: dict[str, str]) -> tuple[int, float, float]:
+    """(peak resident set of the child in KiB, wall seconds, CPU seconds), from wait4."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)}: exit {proc.returncode}")
-    return int(usage.ru_maxrss), time.perf_counter() - t0
+    return int(usage.ru_maxrss), time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
 
 
-def item_bytes(tmp: Path, n: int) -> float:
+def item_bytes(tmp: Path, n: int, batch_file: bool) -> float:
     """Python memory a job holds per input (tracemalloc: deterministic, unlike a peak RSS):
-    the sorted items of one batch file of ``n`` seeds, this shard's list and the plan."""
+    the input file names, the sorted items of ``n`` seeds, this shard's list and the plan."""
     import tracemalloc
 
     from latentgeo import jobs
+    from latentgeo.io import latent_file_names
     from latentgeo.launch import Shard
 
-    seeds = make_seeds(tmp / f"ib-{n}", n, batch_file=True)
+    seeds = make_seeds(tmp / f"ib-{n}-{batch_file}", n, batch_file=batch_file)
     tracemalloc.start()
-    given, _ = jobs.seed_items([seeds], (1, 32, 32))
+    names = latent_file_names([str(seeds)])  # what the CLI holds for the whole run
+    given, _ = jobs.seed_items(names, (1, 32, 32))
     mine = jobs.shard_items(jobs.sort_items(given), Shard())
     del given
     plan = jobs.plan(mine, lambda it: tmp / "none" / f"{it.key}.png", lambda it: None)
     held, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    del plan, mine
+    del plan, mine, names
+    shutil.rmtree(seeds.parent, ignore_errors=True)
     return held / n
+
+
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
 def memory(args: argparse.Namespace, tmp: Path) -> dict:
     res = {}
-    per_item = item_bytes(tmp, args.large)
-    res["python_bytes_per_input"] = per_item
-    print(f"  Python memory held per input (tracemalloc, {args.large} seeds): "
-          f"{per_item:.0f} bytes", flush=True)
     for kind in args.kinds:
-        row = {}
+        per_item = item_bytes(tmp, args.large, batch_file=(kind == "batch file"))
+        res[f"python_bytes_per_input ({kind})"] = per_item
+        print(f"  Python memory held per input, {kind} (tracemalloc, {args.large} seeds): "
+              f"{per_item:.0f} bytes", flush=True)
+    for kind in args.kinds:
+        row: dict = {}
         for n in (args.small, args.large):
             seeds = make_seeds(tmp / f"m-{kind[0]}-{n}", n, batch_file=(kind == "batch file"))
             out = tmp / f"m-out-{kind[0]}-{n}"
@@ -163,11 +178,14 @@ def memory(args: argparse.Namespace, tmp: Path) -> dict:
                 runs.append(peak_rss_kb(cli("render", str(seeds), "-o", str(out), "--steps",
                                             str(args.mem_steps), "--batch-size",
                                             str(args.batch_size)), env(1)))
-            rss, wall = min(runs)  # the least disturbed run (noise only adds memory)
-            row[n] = {"peak_rss_kib": rss, "wall_s": wall,
-                      "all_kib": [r for r, _ in runs]}
-            print(f"  {kind}, {n} seeds: peak RSS {rss / 1024:.1f} MiB ({wall:.0f} s; runs "
-                  f"{', '.join(f'{r / 1024:.1f}' for r, _ in runs)} MiB)", flush=True)
+            rss = median([r for r, _, _ in runs])
+            row[n] = {"peak_rss_kib": rss, "all_kib": [r for r, _, _ in runs],
+                      "wall_s": [w for _, w, _ in runs], "cpu_s": [c for _, _, c in runs],
+                      "load": os.getloadavg()[0]}
+            print(f"  {kind}, {n} seeds: median peak RSS {rss / 1024:.1f} MiB (runs "
+                  f"{', '.join(f'{r / 1024:.1f}' for r, _, _ in runs)} MiB; "
+                  f"{', '.join(f'{w:.0f}' for _, w, _ in runs)} s; load average "
+                  f"{os.getloadavg()[0]:.2f})", flush=True)
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(seeds.parent, ignore_errors=True)
         growth = (row[args.large]["peak_rss_kib"] - row[args.small]["peak_rss_kib"]) * 1024 / (
@@ -177,9 +195,32 @@ def memory(args: argparse.Namespace, tmp: Path) -> dict:
     return res
 
 
+def trim_cost(args: argparse.Namespace, tmp: Path) -> dict:
+    """Per-chunk malloc_trim on (the default) and off, alternating runs of one folder."""
+    seeds = make_seeds(tmp / "trim", args.trim_seeds, batch_file=False)
+    out = tmp / "trim-out"
+    res: dict = {"on": [], "off": []}
+    for _ in range(args.mem_repeats):
+        for mode in ("on", "off"):
+            shutil.rmtree(out, ignore_errors=True)
+            e = env(1)
+            if mode == "off":
+                e["LATENTGEO_MALLOC_TRIM"] = "0"
+            rss, wall, cpu = peak_rss_kb(cli("render", str(seeds), "-o", str(out), "--steps",
+                                             str(args.mem_steps), "--batch-size",
+                                             str(args.batch_size)), e)
+            r = {"peak_rss_kib": rss, "wall_s": wall, "cpu_s": cpu,
+                 "loop_s": loop_seconds(out), "load": os.getloadavg()[0]}
+            res[mode].append(r)
+            print(f"  trim {mode}: peak {rss / 1024:.1f} MiB, loop {r['loop_s']:.1f} s, "
+                  f"CPU {cpu:.1f} s, load average {r['load']:.2f}", flush=True)
+    shutil.rmtree(seeds.parent, ignore_errors=True)
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["all", "throughput", "memory"], default="all")
+    p.add_argument("--part", choices=["all", "throughput", "memory", "trim"], default="all")
     p.add_argument("--seeds", type=int, default=96)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=16)
@@ -187,9 +228,10 @@ def main() -> None:
     p.add_argument("--small", type=int, default=1000)
     p.add_argument("--large", type=int, default=10000)
     p.add_argument("--mem-steps", type=int, default=5, help="DDIM steps of the memory runs.")
-    p.add_argument("--mem-repeats", type=int, default=1,
-                   help="Runs per memory case; the smallest peak is kept (run-to-run noise of "
-                   "the peak is about +-10 MiB on a loaded machine, the size of the budget).")
+    p.add_argument("--mem-repeats", type=int, default=3,
+                   help="Runs per memory case; the median peak is used, every run printed.")
+    p.add_argument("--trim-seeds", type=int, default=2000,
+                   help="Seeds (a folder) of the --part trim runs.")
     p.add_argument("--kinds", nargs="+", default=["folder", "batch file"],
                    choices=["folder", "batch file"], help="Inputs of the memory runs.")
     p.add_argument("--json", type=Path, default=None, help="Also write the results here.")
@@ -206,6 +248,10 @@ def main() -> None:
             print(f"memory: render --steps {args.mem_steps}, {args.small} vs {args.large} seeds",
                   flush=True)
             out["memory"] = memory(args, tmp)
+        if args.part in ("all", "trim"):
+            print(f"trim: render --steps {args.mem_steps} of {args.trim_seeds} seeds, "
+                  "malloc_trim per chunk on / off", flush=True)
+            out["trim"] = trim_cost(args, tmp)
 
     from rich.console import Console
     from rich.table import Table
@@ -232,13 +278,26 @@ def main() -> None:
                   "bytes / extra seed"):
             table.add_column(c, justify="left" if c == "input" else "right")
         for kind, r in out["memory"].items():
-            if kind == "python_bytes_per_input":
+            if kind.startswith("python_bytes_per_input"):
                 continue
             table.add_row(kind, f"{r[args.small]['peak_rss_kib'] / 1024:.1f}",
                           f"{r[args.large]['peak_rss_kib'] / 1024:.1f}",
                           f"{r['bytes_per_extra_seed']:.0f}")
         console.print(table)
-        print("target: < 1024 bytes per extra seed (one seed is 4096 bytes)")
+        print("target: < 1024 bytes per extra seed (one seed is 4096 bytes); median of "
+              f"{args.mem_repeats} run(s) per size; glibc malloc defaults, the CLI's per-chunk "
+              "malloc_trim on (its default)")
+    if "trim" in out:
+        table = Table(title=f"malloc_trim per chunk, render --steps {args.mem_steps} of "
+                      f"{args.trim_seeds} seeds (folder), {args.mem_repeats} run(s) each")
+        for c in ("trim", "peak RSS MiB (each run)", "loop s (median)", "CPU s (median)"):
+            table.add_column(c, justify="left" if c == "trim" else "right")
+        for mode, runs in out["trim"].items():
+            table.add_row("on (default)" if mode == "on" else "off (LATENTGEO_MALLOC_TRIM=0)",
+                          ", ".join(f"{r['peak_rss_kib'] / 1024:.1f}" for r in runs),
+                          f"{median([r['loop_s'] for r in runs]):.1f}",
+                          f"{median([r['cpu_s'] for r in runs]):.1f}")
+        console.print(table)
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=2, default=str))
 
