@@ -169,25 +169,29 @@ def memory(args: argparse.Namespace, tmp: Path) -> dict:
               f"{per_item:.0f} bytes", flush=True)
     for kind in args.kinds:
         row: dict = {}
-        for n in (args.small, args.large):
-            seeds = make_seeds(tmp / f"m-{kind[0]}-{n}", n, batch_file=(kind == "batch file"))
-            out = tmp / f"m-out-{kind[0]}-{n}"
-            runs = []
-            for _ in range(args.mem_repeats):
+        sizes = (args.small, args.large)
+        seeds = {n: make_seeds(tmp / f"m-{kind[0]}-{n}", n, batch_file=(kind == "batch file"))
+                 for n in sizes}
+        runs: dict[int, list[tuple[int, float, float]]] = {n: [] for n in sizes}
+        for r in range(args.mem_repeats):  # sizes interleaved: a cut-short run still pairs
+            for n in sizes:
+                out = tmp / f"m-out-{kind[0]}-{n}"
                 shutil.rmtree(out, ignore_errors=True)
-                runs.append(peak_rss_kb(cli("render", str(seeds), "-o", str(out), "--steps",
-                                            str(args.mem_steps), "--batch-size",
-                                            str(args.batch_size)), env(1)))
-            rss = median([r for r, _, _ in runs])
-            row[n] = {"peak_rss_kib": rss, "all_kib": [r for r, _, _ in runs],
-                      "wall_s": [w for _, w, _ in runs], "cpu_s": [c for _, _, c in runs],
-                      "load": os.getloadavg()[0]}
+                runs[n].append(peak_rss_kb(cli("render", str(seeds[n]), "-o", str(out),
+                                               "--steps", str(args.mem_steps), "--batch-size",
+                                               str(args.batch_size)), env(1)))
+                rss, wall, cpu = runs[n][-1]
+                print(f"  {kind}, {n} seeds, run {r + 1}: peak RSS {rss / 1024:.1f} MiB "
+                      f"({wall:.0f} s wall, {cpu:.0f} s CPU; load average "
+                      f"{os.getloadavg()[0]:.2f})", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+        for n in sizes:
+            rss = median([x for x, _, _ in runs[n]])
+            row[n] = {"peak_rss_kib": rss, "all_kib": [x for x, _, _ in runs[n]],
+                      "wall_s": [w for _, w, _ in runs[n]], "cpu_s": [c for _, _, c in runs[n]]}
             print(f"  {kind}, {n} seeds: median peak RSS {rss / 1024:.1f} MiB (runs "
-                  f"{', '.join(f'{r / 1024:.1f}' for r, _, _ in runs)} MiB; "
-                  f"{', '.join(f'{w:.0f}' for _, w, _ in runs)} s; load average "
-                  f"{os.getloadavg()[0]:.2f})", flush=True)
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(seeds.parent, ignore_errors=True)
+                  f"{', '.join(f'{x / 1024:.1f}' for x, _, _ in runs[n])} MiB)", flush=True)
+            shutil.rmtree(seeds[n].parent, ignore_errors=True)
         growth = (row[args.large]["peak_rss_kib"] - row[args.small]["peak_rss_kib"]) * 1024 / (
             args.large - args.small)
         row["bytes_per_extra_seed"] = growth

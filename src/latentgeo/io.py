@@ -509,9 +509,11 @@ def latent_file_names(items: Iterable[str | os.PathLike]) -> list[str]:
     for item in items:
         p = Path(item)
         if p.is_dir():
+            base = str(p)  # names below are str(p / name), built without a Path per file
             with os.scandir(p) as entries:
-                found = sorted((str(p / e.name) for e in entries
-                                if e.is_file() and is_latent_file(Path(e.name))),
+                found = sorted((e.name if base == "." else os.path.join(base, e.name)
+                                for e in entries if e.is_file()
+                                and os.path.splitext(e.name)[1].lower() in LATENT_SUFFIXES),
                                key=os.path.normcase)
             if not found:
                 raise InputError(f"{p}: directory has no latent files "
