@@ -8,8 +8,9 @@ its whole graph of small autograd nodes alive until the backward pass. On the CP
 land on glibc's heap between the step's large activation buffers; once the buffers are freed,
 the holes are split by nodes that stay, the next step's buffers do not fit, and the heap grows
 with every step although the live tensors do not (bundled model, batch 16, one optimisation
-iteration: +374 MiB of resident memory at 50 steps against +127 MiB at 5, while the live tensor
-bytes were 63 against 60 MiB; ``benchmarks/bench_optimize.py``). Here the forward runs under
+iteration: +416 MiB of resident memory at 50 steps against +124 MiB at 5, while the live tensor
+peak was 63 against 60 MiB; with this function +103 against +87 MiB;
+``benchmarks/bench_optimize.py``, docs/optimize.md). Here the forward runs under
 ``torch.no_grad`` (nothing of the step outlives it but its input and its outputs) and the
 backward recomputes it with autograd on and differentiates with ``torch.autograd.grad`` with
 respect to ``x`` only, so it also works under an outer ``torch.autograd.grad`` (the reentrant
