@@ -283,11 +283,13 @@ def test_run_streams_bounded_chunks_records_failures_and_progress(tmp_path):
     items, calls, ticks = _items(16), [], []
     m = jobs.Manifest(tmp_path, Shard(0, 1))
     m.start("test", len(items), {"steps": 5})
+    trims = []
     rep = jobs.run(items, _load, _process(tmp_path, calls), batch_size=4, manifest=m,
-                   progress=ticks.append)
+                   progress=ticks.append, after_chunk=lambda: trims.append(len(ticks)))
     m.end(len(rep.done), len(rep.skipped), len(rep.failed), rep.seconds)
     m.close()
     assert max(calls) <= 4 and sum(ticks) == 16
+    assert trims == [0, 1, 2, 3]  # once per chunk, after it and before its progress tick
     failed = {it.key: why for it, why in rep.failed}
     # item 5 fails alone on load; the chunk holding 13 (12..15) fails in process
     assert set(failed) == {"k5", "k12", "k13", "k14", "k15"}
@@ -463,3 +465,35 @@ def test_seed_items_read_lazily_and_skip_unusable_files(tmp_path):
     assert torch.equal(jobs.load_seed(items[6]), batch[1])
     assert torch.equal(jobs.load_seed(items[8]), one)
     assert jobs.tensor_hash(jobs.load_seed(items[6])) == jobs.tensor_hash(batch[1])
+
+
+def test_folder_names_are_strings_in_path_order(tmp_path):
+    """A folder's seeds come back as the strings str(Path) gives, sorted by name, latent files
+    only (what a job holds for the whole run: no Path per input); the Path variant agrees."""
+    from latentgeo.io import expand_latent_paths, latent_file_names, save_latent
+
+    for name in ("b.safetensors", "a.pt", "c.PT"):
+        save_latent(tmp_path / name, torch.zeros(1, 2, 2))
+    for name in ("notes.txt", ".safetensors"):  # not latent files (the second has no suffix)
+        (tmp_path / name).write_text("x")
+    (tmp_path / "sub.pt").mkdir()
+    names = latent_file_names([tmp_path])
+    assert names == [str(tmp_path / n) for n in ("a.pt", "b.safetensors", "c.PT")]
+    assert all(type(n) is str for n in names)
+    assert expand_latent_paths([tmp_path]) == [tmp_path / n for n in ("a.pt", "b.safetensors",
+                                                                      "c.PT")]
+    items, _ = jobs.seed_items(names, (1, 2, 2))
+    assert [it.key for it in items] == ["a", "b", "c"]
+    assert items[0].source is names[0]  # shared with the caller's list, not a copy
+
+
+def test_release_free_memory_is_safe_and_can_be_turned_off(monkeypatch):
+    from latentgeo.cli import memory
+
+    memory.release_free_memory()  # glibc: malloc_trim(0); elsewhere: nothing
+    called = []
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: called.append)
+    memory.release_free_memory()
+    monkeypatch.setenv("LATENTGEO_MALLOC_TRIM", "0")
+    memory.release_free_memory()
+    assert called == [0]
