@@ -13,15 +13,11 @@ the number of seeds.
    seed and as one batch file; growth per extra seed = (RSS(10k) - RSS(1k)) / 9,000, from the
    median peak of ``--mem-repeats`` runs per size (every run is printed). Target: < 1 KB per
    seed (a seed is 4 KB: holding every seed, or every image, fails this); the budget is 9 MiB
-   over 9,000 seeds. The CLI's default applies: ``malloc_trim(0)`` after every chunk
-   (:mod:`latentgeo.cli.memory`). Also printed: the Python memory the job holds per input
-   (tracemalloc; deterministic), for both kinds of input.
-3. Trim (``--part trim``): the same ``render`` of ``--trim-seeds`` seeds (folder), with the
-   per-chunk ``malloc_trim`` (default) and without (``LATENTGEO_MALLOC_TRIM=0``), alternating,
-   ``--mem-repeats`` runs each: loop seconds (manifest), CPU seconds (``wait4``) and the peak
-   RSS of every run, i.e. what the trim costs and how much it steadies the peak.
+   over 9,000 seeds. Sizes are interleaved (1k, 10k, 1k, 10k, ...) and every run is printed
+   as it ends, so a cut-short benchmark still gives pairs. Also printed: the Python memory the
+   job holds per input (tracemalloc; deterministic), for both kinds of input.
 
-Usage: ``python benchmarks/bench_scale.py [--part all|throughput|memory|trim] [--seeds 96]
+Usage: ``python benchmarks/bench_scale.py [--part all|throughput|memory] [--seeds 96]
 [--steps 10] [--small 1000] [--large 10000]``. Writes nothing outside a temporary folder.
 On a shared machine the absolute rates are low and noisy; the ratios are measured in one run.
 """
@@ -206,32 +202,9 @@ def memory(args: argparse.Namespace, tmp: Path) -> dict:
     return res
 
 
-def trim_cost(args: argparse.Namespace, tmp: Path) -> dict:
-    """Per-chunk malloc_trim on (the default) and off, alternating runs of one folder."""
-    seeds = make_seeds(tmp / "trim", args.trim_seeds, batch_file=False)
-    out = tmp / "trim-out"
-    res: dict = {"on": [], "off": []}
-    for _ in range(args.mem_repeats):
-        for mode in ("on", "off"):
-            shutil.rmtree(out, ignore_errors=True)
-            e = env(1)
-            if mode == "off":
-                e["LATENTGEO_MALLOC_TRIM"] = "0"
-            rss, wall, cpu = peak_rss_kb(cli("render", str(seeds), "-o", str(out), "--steps",
-                                             str(args.mem_steps), "--batch-size",
-                                             str(args.batch_size)), e)
-            r = {"peak_rss_kib": rss, "wall_s": wall, "cpu_s": cpu,
-                 "loop_s": loop_seconds(out), "load": os.getloadavg()[0]}
-            res[mode].append(r)
-            print(f"  trim {mode}: peak {rss / 1024:.1f} MiB, loop {r['loop_s']:.1f} s, "
-                  f"CPU {cpu:.1f} s, load average {r['load']:.2f}", flush=True)
-    shutil.rmtree(seeds.parent, ignore_errors=True)
-    return res
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["all", "throughput", "memory", "trim"], default="all")
+    p.add_argument("--part", choices=["all", "throughput", "memory"], default="all")
     p.add_argument("--seeds", type=int, default=96)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=16)
@@ -241,8 +214,6 @@ def main() -> None:
     p.add_argument("--mem-steps", type=int, default=5, help="DDIM steps of the memory runs.")
     p.add_argument("--mem-repeats", type=int, default=3,
                    help="Runs per memory case; the median peak is used, every run printed.")
-    p.add_argument("--trim-seeds", type=int, default=2000,
-                   help="Seeds (a folder) of the --part trim runs.")
     p.add_argument("--kinds", nargs="+", default=["folder", "batch file"],
                    choices=["folder", "batch file"], help="Inputs of the memory runs.")
     p.add_argument("--json", type=Path, default=None, help="Also write the results here.")
@@ -259,10 +230,6 @@ def main() -> None:
             print(f"memory: render --steps {args.mem_steps}, {args.small} vs {args.large} seeds",
                   flush=True)
             out["memory"] = memory(args, tmp)
-        if args.part in ("all", "trim"):
-            print(f"trim: render --steps {args.mem_steps} of {args.trim_seeds} seeds, "
-                  "malloc_trim per chunk on / off", flush=True)
-            out["trim"] = trim_cost(args, tmp)
 
     from rich.console import Console
     from rich.table import Table
@@ -296,19 +263,8 @@ def main() -> None:
                           f"{r['bytes_per_extra_seed']:.0f}")
         console.print(table)
         print("target: < 1024 bytes per extra seed (one seed is 4096 bytes); median of "
-              f"{args.mem_repeats} run(s) per size; glibc malloc defaults, the CLI's per-chunk "
-              "malloc_trim on (its default)")
-    if "trim" in out:
-        table = Table(title=f"malloc_trim per chunk, render --steps {args.mem_steps} of "
-                      f"{args.trim_seeds} seeds (folder), {args.mem_repeats} run(s) each")
-        for c in ("trim", "peak RSS MiB (each run)", "loop s (median)", "CPU s (median)"):
-            table.add_column(c, justify="left" if c == "trim" else "right")
-        for mode, runs in out["trim"].items():
-            table.add_row("on (default)" if mode == "on" else "off (LATENTGEO_MALLOC_TRIM=0)",
-                          ", ".join(f"{r['peak_rss_kib'] / 1024:.1f}" for r in runs),
-                          f"{median([r['loop_s'] for r in runs]):.1f}",
-                          f"{median([r['cpu_s'] for r in runs]):.1f}")
-        console.print(table)
+              f"{args.mem_repeats} run(s) per size; glibc malloc at its defaults, no "
+              "environment variable")
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=2, default=str))
 

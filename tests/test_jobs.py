@@ -283,13 +283,11 @@ def test_run_streams_bounded_chunks_records_failures_and_progress(tmp_path):
     items, calls, ticks = _items(16), [], []
     m = jobs.Manifest(tmp_path, Shard(0, 1))
     m.start("test", len(items), {"steps": 5})
-    trims = []
     rep = jobs.run(items, _load, _process(tmp_path, calls), batch_size=4, manifest=m,
-                   progress=ticks.append, after_chunk=lambda: trims.append(len(ticks)))
+                   progress=ticks.append)
     m.end(len(rep.done), len(rep.skipped), len(rep.failed), rep.seconds)
     m.close()
     assert max(calls) <= 4 and sum(ticks) == 16
-    assert trims == [0, 1, 2, 3]  # once per chunk, after it and before its progress tick
     failed = {it.key: why for it, why in rep.failed}
     # item 5 fails alone on load; the chunk holding 13 (12..15) fails in process
     assert set(failed) == {"k5", "k12", "k13", "k14", "k15"}
@@ -486,14 +484,3 @@ def test_folder_names_are_strings_in_path_order(tmp_path):
     assert [it.key for it in items] == ["a", "b", "c"]
     assert items[0].source is names[0]  # shared with the caller's list, not a copy
 
-
-def test_release_free_memory_is_safe_and_can_be_turned_off(monkeypatch):
-    from latentgeo.cli import memory
-
-    memory.release_free_memory()  # glibc: malloc_trim(0); elsewhere: nothing
-    called = []
-    monkeypatch.setattr(memory, "_malloc_trim", lambda: called.append)
-    memory.release_free_memory()
-    monkeypatch.setenv("LATENTGEO_MALLOC_TRIM", "0")
-    memory.release_free_memory()
-    assert called == [0]

@@ -630,8 +630,7 @@ Processor = Callable[[list[Item], list[Any]], list[Outcome]]
 def run(items: Sequence[Item], load: Loader, process: Processor, *, batch_size: int,
         manifest: Manifest | None = None, skipped: Sequence[Item] = (),
         target: Callable[[Item], Path] | None = None,
-        progress: Callable[[int], None] | None = None, keep_outcomes: bool = True,
-        after_chunk: Callable[[], None] | None = None) -> Report:
+        progress: Callable[[int], None] | None = None, keep_outcomes: bool = True) -> Report:
     """Stream ``items`` through ``load`` (one item -> its input, e.g. an image tensor; a
     LatentgeoError marks the item failed) and ``process`` (a list of <= ``batch_size`` items and
     their inputs -> one Outcome each, outputs already written, or an Outcome with ``error`` set
@@ -642,8 +641,7 @@ def run(items: Sequence[Item], load: Loader, process: Processor, *, batch_size: 
     last ``done`` record. ``progress(n)`` is called with the number of items just finished
     (skipped ones first). A record's ``seconds`` is its chunk's wall time shared equally.
     ``keep_outcomes`` False: ``report.done`` stays empty (only ``n_done`` counts), so memory
-    does not grow with the job. ``after_chunk()`` runs once a chunk's inputs and outcomes are
-    dropped (the CLI gives freed memory back to the OS there: :mod:`latentgeo.cli.memory`).
+    does not grow with the job.
     """
     report = Report(skipped=list(skipped))
     t_start = time.perf_counter()
@@ -693,8 +691,6 @@ def run(items: Sequence[Item], load: Loader, process: Processor, *, batch_size: 
             if manifest is not None:
                 manifest.item(it.source, str(oc.output), "done", share, oc.metrics)
         del inputs, outcomes
-        if after_chunk is not None:
-            after_chunk()
         if progress is not None:
             progress(len(chunk))
     report.seconds = time.perf_counter() - t_start

@@ -114,7 +114,6 @@ def drive(command: str, items: Sequence[Item], out_dir: Path, *,
     handler), and an interrupted run records a ``stop`` and re-raises."""
     from latentgeo import jobs
     from latentgeo.cli.common import Terminated
-    from latentgeo.cli.memory import release_free_memory
 
     plan = jobs.plan(items, target,
                      lambda it: _provenance(input_hash(it), options, fingerprint), force,
@@ -129,7 +128,7 @@ def drive(command: str, items: Sequence[Item], out_dir: Path, *,
         with job_progress(label, len(items), launch, shard, quiet) as advance:
             report = jobs.run(plan.todo, load, process, batch_size=batch_size, manifest=log,
                               skipped=plan.skipped, target=target, progress=advance,
-                              keep_outcomes=False, after_chunk=release_free_memory)
+                              keep_outcomes=False)
         if log is not None and not (alone and not report.n_done and not report.skipped
                                     and log.discard()):
             log.end(report.n_done, len(report.skipped), len(report.failed), report.seconds)
@@ -411,7 +410,6 @@ def _invert_to_file(items: Sequence[Item], output: Path, options: dict[str, Any]
     import torch
 
     from latentgeo import jobs
-    from latentgeo.cli.memory import release_free_memory
 
     whole = _provenance(jobs.bytes_hash("".join(jobs.file_hash(it.source) if
                                                 Path(it.source).is_file() else "-"
@@ -422,8 +420,7 @@ def _invert_to_file(items: Sequence[Item], output: Path, options: dict[str, Any]
         return jobs.Report(skipped=list(items))
     with job_progress(f"inverting {len(items)} image(s)", len(items), launch, shard,
                       quiet) as adv:
-        report = jobs.run(items, load, process, batch_size=batch_size, progress=adv,
-                          after_chunk=release_free_memory)
+        report = jobs.run(items, load, process, batch_size=batch_size, progress=adv)
     if collected:
         sources = _json.dumps([it.source for it, _, _ in collected])
         jobs.save_seed(output, torch.stack([s for _, s, _ in collected]),
