@@ -5,11 +5,14 @@ Every setting runs in a fresh Python process (``--child``), so peak memory is th
 * **memory**: batch 16, one iteration (render with gradients, judge A's log-probability, backward
   to the seeds) at K = 5 and K = 50 DDIM steps with per-step + decoder checkpointing (and at
   K = 50 without, for contrast). Reported: the increase of the process's peak resident memory
-  (VmHWM) over its resident memory once the model and judges are loaded and warm. Target:
-  increase(K = 50) <= 1.5 x increase(K = 5). Each is measured twice: with glibc's default
-  malloc, whose dynamic mmap threshold keeps freed step buffers in the heap (RSS then grows
-  with K although the live tensors do not), and with ``MALLOC_MMAP_THRESHOLD_=65536`` (large
-  buffers are returned to the OS when freed), which shows the live memory.
+  (VmHWM) over its resident memory once the model and judges are loaded and warm, with glibc's
+  default malloc and no environment variable (what a user gets), and the peak of the live
+  tensor bytes from torch's allocation trace (``torch.profiler``, ``profile_memory``), which no
+  allocator behaviour affects. Target: increase(K = 50) <= 1.5 x increase(K = 5). For
+  contrast, the same with ``torch.utils.checkpoint(use_reentrant=False)`` (latentgeo's
+  checkpointing before ``latentgeo.diffusion.recompute``: its per-step autograd nodes fragment
+  glibc's heap), with the default malloc and with ``MALLOC_MMAP_THRESHOLD_=65536`` (a
+  non-default environment variable, marked as such in the table).
 * **time**: batch 16, K = 1, 4, 10, 50: a no-grad render of K steps vs one optimisation
   iteration of K steps (checkpointed); iterations per second. Target: iteration <= 3.5 x render.
 * **run**: ``optimize`` of 8 bundled seeds, 10 steps, 30 iterations (``reno`` preset, class:c
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -59,6 +63,18 @@ def child(setting: dict) -> dict:
     from latentgeo.sampling import sample_seeds
 
     torch.set_num_threads(setting["threads"])
+    if setting.get("impl") == "torch":  # the checkpointing latentgeo used before recompute()
+        from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+        import latentgeo.diffusion.render as render_module
+        import latentgeo.diffusion.sampler as sampler_module
+
+        def torch_recompute(fn, x):
+            if torch.is_grad_enabled() and x.requires_grad:
+                return torch_checkpoint(fn, x, use_reentrant=False)
+            return fn(x)
+
+        sampler_module.recompute = render_module.recompute = torch_recompute
     backend = load_model("bundled")
     reward = class_reward_per_seed()
     n, k = setting.get("batch", 16), setting.get("steps", 10)
@@ -74,6 +90,9 @@ def child(setting: dict) -> dict:
     if setting["kind"] == "memory":
         with torch.no_grad():  # warm the kernels and the judges at a tiny size
             reward(render(backend, z[:1], steps=1), labels[:1])
+        if setting.get("live"):
+            return {**setting, "live_peak_mib": live_peak_bytes(
+                lambda: iteration(setting["checkpoint"])) / 2**20}
         base = _status_kib("VmRSS")
         iteration(setting["checkpoint"])
         return {**setting, "baseline_mib": base / 1024,
@@ -95,9 +114,33 @@ def child(setting: dict) -> dict:
             "target_best": sum(res.best(i)["target"] for i in range(n)) / n}
 
 
-def run_child(setting: dict, env: dict | None = None) -> dict:
-    import os
+def live_peak_bytes(fn) -> float:
+    """Peak of the live tensor bytes while ``fn()`` runs: every allocation and free torch's
+    profiler records (``profile_memory``), summed in time order. NaN where this torch's
+    profiler does not expose its allocation events."""
+    from torch.profiler import ProfilerActivity, profile
 
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        from torch._C._profiler import _EventType
+
+        sizes, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            e = stack.pop()
+            if e.tag == _EventType.Allocation:
+                sizes.append((e.start_time_ns, e.extra_fields.alloc_size))
+            stack.extend(e.children)
+    except (AttributeError, ImportError):
+        return float("nan")
+    live = peak = 0
+    for _, size in sorted(sizes):
+        live += size
+        peak = max(peak, live)
+    return float(peak)
+
+
+def run_child(setting: dict, env: dict | None = None) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(setting)],
                           capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
@@ -121,42 +164,62 @@ def main() -> None:
     console = Console()
     t = args.threads
     out: dict = {}
-    if args.only in (None, "memory"):
-        out["memory"] = memory(console, t)
-    if args.only in (None, "time"):
-        out["time"] = timing(console, t, args.repeats)
-    if args.only in (None, "run"):
-        out["run"] = whole_run(console, t)
+    for part, fn in (("memory", lambda: memory(console, t)),
+                     ("time", lambda: timing(console, t, args.repeats)),
+                     ("run", lambda: whole_run(console, t))):
+        if args.only in (None, part):
+            start = load_average()
+            out[part] = fn()
+            console.print(f"{part}: load average {start} at the start, {load_average()} at "
+                          f"the end ({os.cpu_count()} CPUs, {t} thread(s))")
+            out[f"{part}_load"] = [start, load_average()]
     print(json.dumps(out))
 
 
-MALLOC = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=65536": {
-    "MALLOC_MMAP_THRESHOLD_": "65536"}}
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def memory(console, t: int) -> list[dict]:
     from rich.table import Table
 
+    cases = [  # (checkpointing implementation, environment, label)
+        ("latentgeo", {}, "recompute (default)"),
+        ("torch", {}, "torch non-reentrant (before)"),
+        ("torch", MALLOC_ENV, "torch non-reentrant + MALLOC_MMAP_THRESHOLD_=65536 "
+                              "(non-default env)"),
+    ]
     rows = []
-    table = Table(title="memory: one iteration, batch 16 (fresh process each)")
-    for c in ("malloc", "K", "checkpointing", "loaded RSS MiB", "peak increase MiB",
-              "vs K=5 ckpt"):
+    table = Table(title="memory: one iteration, batch 16 (fresh process each; glibc malloc "
+                  "at its defaults unless the row says otherwise)")
+    for c in ("checkpointing, malloc", "K", "ckpt", "loaded RSS MiB", "peak increase MiB",
+              "vs K=5", "live tensor peak MiB"):
         table.add_column(c, justify="right")
-    for label, env in MALLOC.items():
-        mem = {(kk, ck): run_child({"kind": "memory", "steps": kk, "checkpoint": ck,
-                                    "threads": t}, env)
-               for kk, ck in ((5, True), (50, True), (50, False))}
+    for impl, env, label in cases:
+        settings = ((5, True), (50, True)) if impl == "torch" else (
+            (5, True), (50, True), (50, False))
+        mem = {}
+        for kk, ck in settings:
+            s = {"kind": "memory", "steps": kk, "checkpoint": ck, "threads": t, "impl": impl}
+            mem[(kk, ck)] = run_child(s, env)
+            if not env:
+                mem[(kk, ck)]["live_peak_mib"] = run_child({**s, "live": True})[
+                    "live_peak_mib"]
         ref = mem[(5, True)]["increase_mib"]
         for (kk, ck), m in mem.items():
+            live = m.get("live_peak_mib")
             table.add_row(label, str(kk), "yes" if ck else "no", f"{m['baseline_mib']:.0f}",
-                          f"{m['increase_mib']:.1f}", f"{m['increase_mib'] / ref:.2f}x")
-            rows.append({**m, "malloc": label})
-        ratio = mem[(50, True)]["increase_mib"] / ref
-        rows.append({"malloc": label, "ratio_50_5": ratio})
+                          f"{m['increase_mib']:.1f}", f"{m['increase_mib'] / ref:.2f}x",
+                          "" if live is None else f"{live:.1f}")
+            rows.append({**m, "label": label})
+        rows.append({"label": label, "ratio_50_5": mem[(50, True)]["increase_mib"] / ref})
     console.print(table)
     for r in rows:
         if "ratio_50_5" in r:
-            console.print(f"{r['malloc']}: K=50 / K=5 increase with checkpointing "
+            console.print(f"{r['label']}: K=50 / K=5 increase with checkpointing "
                           f"{r['ratio_50_5']:.2f}x ({'PASS' if r['ratio_50_5'] <= 1.5 else 'FAIL'}"
                           " <= 1.5x)")
     return rows

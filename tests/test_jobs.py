@@ -463,3 +463,24 @@ def test_seed_items_read_lazily_and_skip_unusable_files(tmp_path):
     assert torch.equal(jobs.load_seed(items[6]), batch[1])
     assert torch.equal(jobs.load_seed(items[8]), one)
     assert jobs.tensor_hash(jobs.load_seed(items[6])) == jobs.tensor_hash(batch[1])
+
+
+def test_folder_names_are_strings_in_path_order(tmp_path):
+    """A folder's seeds come back as the strings str(Path) gives, sorted by name, latent files
+    only (what a job holds for the whole run: no Path per input); the Path variant agrees."""
+    from latentgeo.io import expand_latent_paths, latent_file_names, save_latent
+
+    for name in ("b.safetensors", "a.pt", "c.PT"):
+        save_latent(tmp_path / name, torch.zeros(1, 2, 2))
+    for name in ("notes.txt", ".safetensors"):  # not latent files (the second has no suffix)
+        (tmp_path / name).write_text("x")
+    (tmp_path / "sub.pt").mkdir()
+    names = latent_file_names([tmp_path])
+    assert names == [str(tmp_path / n) for n in ("a.pt", "b.safetensors", "c.PT")]
+    assert all(type(n) is str for n in names)
+    assert expand_latent_paths([tmp_path]) == [tmp_path / n for n in ("a.pt", "b.safetensors",
+                                                                      "c.PT")]
+    items, _ = jobs.seed_items(names, (1, 2, 2))
+    assert [it.key for it in items] == ["a", "b", "c"]
+    assert items[0].source is names[0]  # shared with the caller's list, not a copy
+

@@ -723,9 +723,10 @@ def exit_on_failures(failed: Sequence[tuple[Item, str]], written: int, world_siz
 
 
 # -- inputs: seeds read lazily --------------------------------------------------------------------
-def _seed_shape(path: Path) -> tuple[int, ...]:
-    """A seed file's tensor shape without reading its values."""
-    suffix = path.suffix.lower()
+def _seed_shape(path: str) -> tuple[int, ...]:
+    """A seed file's tensor shape without reading its values. ``path`` is a string: a job
+    calls this once per input, and a ``Path`` per call would intern every file name."""
+    suffix = os.path.splitext(path)[1].lower()
     try:
         if suffix == ".safetensors":
             from safetensors import safe_open
@@ -733,7 +734,7 @@ def _seed_shape(path: Path) -> tuple[int, ...]:
             from latentgeo.io import _SAFETENSORS_DTYPES
             from latentgeo.limits import MAX_ELEMENTS
 
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(path, framework="pt") as f:
                 ok = "latent" in f.keys()
                 if ok:
                     sl = f.get_slice("latent")
@@ -741,7 +742,7 @@ def _seed_shape(path: Path) -> tuple[int, ...]:
                     ok = sl.get_dtype() in _SAFETENSORS_DTYPES and 0 < len(shape) and \
                         0 < math.prod(shape) <= MAX_ELEMENTS
             if not ok:  # the reason, in io's words
-                _canonical_refusal(path)
+                _canonical_refusal(Path(path))
                 raise InputError(f"{path}: not a seed file latentgeo reads")
             return shape
         if suffix == ".pt":
@@ -749,13 +750,13 @@ def _seed_shape(path: Path) -> tuple[int, ...]:
 
             # whole-file checks (dense, no shared memory, size, dtype, finite) on the mapped
             # tensor; its pages are released when it is dropped
-            return tuple(validate_latent(_pt_tensor(path), str(path)).shape)
+            return tuple(validate_latent(_pt_tensor(Path(path)), path).shape)
     except LatentgeoError:
         raise
     except Exception as e:
-        _canonical_refusal(path)
+        _canonical_refusal(Path(path))
         raise InputError(f"{path}: not a readable seed file ({_one_line(e)})") from None
-    raise InputError(f"{path}: unknown seed file type '{path.suffix}' (expected .pt or "
+    raise InputError(f"{path}: unknown seed file type '{Path(path).suffix}' (expected .pt or "
                      ".safetensors)")
 
 
@@ -792,7 +793,7 @@ def _pt_tensor(path: Path) -> torch.Tensor:
     return check_latent_layout(x, str(path))
 
 
-def seed_items(paths: Sequence[Path], latent_shape: Sequence[int]
+def seed_items(paths: Sequence[str | os.PathLike], latent_shape: Sequence[int]
                ) -> tuple[list[Item], list[str]]:
     """One Item per seed, values not read, and one problem line per file that cannot be used.
 
@@ -808,17 +809,17 @@ def seed_items(paths: Sequence[Path], latent_shape: Sequence[int]
     refs: list[tuple[str, Any]] = []
     problems: list[str] = []
     for p in paths:
+        name = os.fspath(p)  # a string stays the same object (the caller's list holds it)
         try:
-            s = _seed_shape(Path(p))
+            s = _seed_shape(name)
         except LatentgeoError as e:
             problems.append(_one_line(e))
             continue
-        name = str(p)
+        stem = os.path.splitext(os.path.basename(name))[0]  # Path.stem, without a Path
         if s == shape:
-            keys.append(Path(p).stem)
+            keys.append(stem)
             refs.append((name, None))
         elif len(s) == len(shape) + 1 and s[1:] == shape:
-            stem = Path(p).stem
             keys.extend(f"{stem}_{i:03d}" for i in range(s[0]))
             refs.extend((f"{name}[{i}]", i) for i in range(s[0]))
         else:

@@ -169,7 +169,7 @@ def warn(message: str) -> None:
 
 
 # -- render ---------------------------------------------------------------------------------------
-def render_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, condition: Any,
+def render_job(backend: Any, seed_paths: Sequence[str | Path], out: Path, *, condition: Any,
                steps: int | None, guidance: float | None, batch_size: int, grid: bool,
                force: bool, quiet: bool, keep_rows: bool, shard: Shard, launch: Launch
                ) -> tuple[JobResult, dict[str, Any]]:
@@ -497,7 +497,7 @@ def optimize_metadata(res: Any, settings: Any, backend: Any, steps: int, conditi
             **{k: str(record[k]) for k in SEED_META_FIELDS}}
 
 
-def seed_items_or_refuse(seed_paths: Sequence[Path], latent_shape: Sequence[int]
+def seed_items_or_refuse(seed_paths: Sequence[str | Path], latent_shape: Sequence[int]
                          ) -> tuple[list[Item], list[str]]:
     """:func:`latentgeo.jobs.seed_items`, refusing (one line, or ``skipped:`` lines and a
     summary) when no seed file can be used."""
@@ -525,7 +525,7 @@ def _settings_options(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def optimize_job(backend: Any, seed_paths: Sequence[Path], out: Path, *, suffix: str,
+def optimize_job(backend: Any, seed_paths: Sequence[str | Path], out: Path, *, suffix: str,
                  rewards: Sequence[Any], reward_specs: Sequence[str],
                  weights: Sequence[float] | None, settings: Any, condition: Any,
                  steps: int | None, guidance: float | None, stop_at: float | None,

@@ -227,12 +227,12 @@ def optimize(
     from latentgeo.diffusion import load_model
     from latentgeo.diffusion import render as render_seeds
     from latentgeo.images import make_grid, save_image, upscale
-    from latentgeo.io import expand_latent_paths, output_is_dir, save_latent
+    from latentgeo.io import latent_file_names, output_is_dir, save_latent
     from latentgeo.optimize import optimize as run_optimize
     from latentgeo.optimize import resolve
 
     # missing files fail before loading
-    paths = [] if init_spec else expand_latent_paths([str(s) for s in seeds or []])
+    paths = [] if init_spec else latent_file_names([str(s) for s in seeds or []])
     if lr is not None and lr <= 0:
         raise InputError(f"--lr {lr}: must be positive")
     settings = resolve(preset, optimizer=optimizer, lr=lr, iters=iters, reg=reg,
@@ -453,7 +453,7 @@ def _settings_dict(s: Any) -> dict:
     return asdict(s)
 
 
-def _optimize_job(backend: Any, paths: list[Path], output: Path, suffix: str,
+def _optimize_job(backend: Any, paths: list[str], output: Path, suffix: str,
                   reward: list[str], reward_weight: list[float] | None,
                   rewards: list[Any], settings: Any, condition: Any,
                   steps: int | None, guidance: float | None, stop_at: float | None,

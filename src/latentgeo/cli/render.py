@@ -102,14 +102,14 @@ def render(
     from latentgeo.cli.jobrun import render_job, summary_rows, this_process
     from latentgeo.cli.rendering import condition_from
     from latentgeo.diffusion import load_model
-    from latentgeo.io import expand_latent_paths
+    from latentgeo.io import latent_file_names
 
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory (-o takes a folder)")
 
     launch, my_shard, my_device = this_process(shard, device)
-    paths = expand_latent_paths(seeds)  # missing seed files fail before the model loads
+    paths = latent_file_names(seeds)  # missing seed files fail before the model loads
     tokens = read_soft_tokens(soft_tokens)
     backend = load_model(model, my_device, dtype, height=height, width=width, offload=offload)
     use_soft_tokens(backend, tokens, soft_tokens)

@@ -8,7 +8,9 @@
   builds them;
 * :mod:`~latentgeo.diffusion.backends` — one small adapter per model family behind one
   protocol; :mod:`~latentgeo.diffusion.loading` picks the adapter for a model spec;
-* :mod:`~latentgeo.diffusion.render` — seeds to images, with or without gradients.
+* :mod:`~latentgeo.diffusion.render` — seeds to images, with or without gradients;
+* :mod:`~latentgeo.diffusion.recompute` — gradient checkpointing of one step (forward without a
+  graph, recomputed in backward), so the differentiable render's memory does not grow with K.
 """
 
 from latentgeo.diffusion.inversion import check_roundtrip, invert, invert_images

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from latentgeo.diffusion.recompute import recompute
 from latentgeo.diffusion.sampler import StepCallback, sample
 from latentgeo.errors import InputError, ShapeError
 
@@ -64,9 +64,11 @@ def render_grad(backend: Any, seeds: torch.Tensor, condition: Any = None,
     clean latents x0 (B, *latent_shape)), both on the backend's device with autograd graphs
     back to ``seeds`` (when gradients are enabled).
 
-    ``checkpoint``: recompute every sampler step and the decoder in the backward pass, so
-    activation memory is one step's (the network's weights stay frozen; gradients flow to
-    the input only). ``callback(i, x, x0_hat)`` sees each step's outputs, graph attached.
+    ``checkpoint``: recompute every sampler step and the decoder in the backward pass
+    (:func:`latentgeo.diffusion.recompute.recompute`), so activation memory is one step's and
+    the forward keeps one seed-sized tensor per step (the network's weights stay frozen;
+    gradients flow to the seeds only). ``callback(i, x, x0_hat)`` sees each step's outputs,
+    graph attached.
 
     ``estimates`` = k > 0 also returns the decoded clean estimates of the last k sampler
     states, oldest first, as a third item: a list of k images (B, C, H, W). The states are
@@ -96,10 +98,9 @@ def render_grad(backend: Any, seeds: torch.Tensor, condition: Any = None,
 
     x0 = sample(backend.model_fn(condition, guidance), seeds.to(backend.device), grid, step_cb,
                 checkpoint=checkpoint)
-    grad = checkpoint and torch.is_grad_enabled()
 
     def decode(z: torch.Tensor) -> torch.Tensor:
-        return _checkpoint(backend.decode, z, use_reentrant=False) if grad else backend.decode(z)
+        return recompute(backend.decode, z) if checkpoint else backend.decode(z)
 
     images = decode(x0)
     if k == 0:

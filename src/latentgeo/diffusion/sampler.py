@@ -7,8 +7,9 @@ variance-preserving models, Euler for flow matching). Rendering and inversion sh
 sampler, so an inverted seed is exactly the seed this sampler maps back to its image.
 
 Gradients are the caller's choice: nothing here disables autograd. With ``checkpoint=True`` and
-gradients enabled each step is recomputed in the backward pass
-(``torch.utils.checkpoint``, non-reentrant), so memory does not grow with the number of steps.
+gradients enabled each step runs without a graph and is recomputed in the backward pass
+(:func:`latentgeo.diffusion.recompute.recompute`), so memory does not grow with the number of
+steps: what a step leaves for the backward pass is its input, one seed-sized tensor.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from latentgeo.diffusion.grid import Grid
+from latentgeo.diffusion.recompute import recompute
 
 #: model(x (B, *shape), t scalar tensor) -> raw network output, x's shape and dtype.
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -47,11 +48,13 @@ def sample(model: ModelFn, x: torch.Tensor, grid: Grid, callback: StepCallback |
     """Run the grid from the seed x (B, *shape) to clean data x0 (same shape and dtype).
 
     Deterministic (Song et al. 2021, Eq. 12 with sigma = 0 / the flow Euler solver). Rows are
-    independent. ``checkpoint``: recompute each step in backward (only when autograd records).
+    independent. ``checkpoint``: recompute each step in backward (only when autograd records
+    and x requires gradients; gradients then flow to x only: tensors the model uses must not
+    require gradients, which is refused in backward).
     """
     for i in range(len(grid)):
-        if checkpoint and torch.is_grad_enabled():
-            x, x0 = _checkpoint(sample_step, model, x, grid, i, use_reentrant=False)
+        if checkpoint:
+            x, x0 = recompute(lambda v, i=i: sample_step(model, v, grid, i), x)
         else:
             x, x0 = sample_step(model, x, grid, i)
         if callback is not None:
