@@ -304,7 +304,7 @@ _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, er
                   errno.EMLINK, errno.EACCES}
 
 
-def publish(tmp: Path, path: Path, force: bool = False) -> None:
+def publish(tmp: str | Path, path: str | Path, force: bool = False) -> None:
     """Give the finished temporary file ``tmp`` the name ``path``.
 
     ``force``: atomic rename over whatever is there. Otherwise never replace: a hard link
@@ -331,11 +331,11 @@ def publish(tmp: Path, path: Path, force: bool = False) -> None:
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
-                path.unlink()
+                os.unlink(path)
             raise
         return
     with contextlib.suppress(OSError):
-        tmp.unlink()
+        os.unlink(tmp)
 
 
 class _Pending:

@@ -223,7 +223,7 @@ class Plan:
     skipped: list[Item] = field(default_factory=list)
 
 
-def plan(items: Sequence[Item], target: Callable[[Item], Path],
+def plan(items: Sequence[Item], target: Callable[[Item], str | Path],
          provenance: Callable[[Item], Provenance], force: bool = False,
          hint: str = "pass force=True to redo them") -> Plan:
     """Resume rule: an item whose output is absent is to do; present with equal provenance,
@@ -236,14 +236,14 @@ def plan(items: Sequence[Item], target: Callable[[Item], Path],
     result = Plan()
     conflicts: list[str] = []
     for it in items:
-        path = target(it)
-        if not path.exists():
+        path = target(it)  # a Path or a str (a str builds no Path per item)
+        if not os.path.exists(path):
             result.todo.append(it)
             continue
         if force:
             result.todo.append(it)
             continue
-        if path.is_dir():
+        if os.path.isdir(path):
             raise OutputExistsError(f"{path}: is a directory")
         old = read_provenance(path)
         if old is None:
@@ -271,8 +271,12 @@ def _host() -> str:
 
 def temp_path(path: Path, pid: int | None = None) -> Path:
     """``.NAME.HOST.PID.RAND.tmp`` beside ``path`` (not created)."""
-    pid = os.getpid() if pid is None else pid
-    return path.parent / f".{path.name}.{_host()}.{pid}.{secrets.token_hex(4)}.tmp"
+    return path.parent / _temp_name(path.name, os.getpid() if pid is None else pid)
+
+
+def _temp_name(name: str, pid: int) -> str:
+    """The file name part of :func:`temp_path`."""
+    return f".{name}.{_host()}.{pid}.{secrets.token_hex(4)}.tmp"
 
 
 def pid_alive(pid: int) -> bool:
@@ -295,39 +299,47 @@ def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
     if not d.is_dir():
         return []
     host, removed = _host(), []
-    for p in d.iterdir():
-        m = _TEMP_RE.match(p.name)
-        if not m or m.group("host") != host or pid_alive(int(m.group("pid"))):
-            continue
+    with os.scandir(d) as entries:  # names as strings: no Path (interned name) per file
+        stale = [e.name for e in entries if (m := _TEMP_RE.match(e.name))
+                 and m.group("host") == host and not pid_alive(int(m.group("pid")))]
+    for name in stale:
+        p = d / name
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
             removed.append(p)
     return removed
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None],
-                 force: bool = False) -> Path:
+def write_atomic(path: str | os.PathLike, write: Callable[[Any], None],
+                 force: bool = False) -> Any:
     """``write(tmp)`` into a pid-tagged temp file beside ``path``, then publish it: without
     ``force`` by a hard link that fails if ``path`` exists (never replaces a file that appeared
     meanwhile), with ``force`` by an atomic rename (:func:`latentgeo.io.publish`). Any
     exception, KeyboardInterrupt included, removes the temp file; a SIGKILL leaves it for
-    :func:`clean_stale_temps`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
+    :func:`clean_stale_temps`.
+
+    Returns ``path`` as a ``Path``; a ``str`` path stays a ``str`` (and ``write`` then gets the
+    temp file's name as a ``str``): a job writes one file per item, and on Python 3.11 every
+    ``Path`` built from a new name interns it, churning the interpreter's table of interned
+    strings until it is rebuilt (a few MiB more peak memory in a long job)."""
+    as_str = isinstance(path, str)
+    name = path if as_str else os.fspath(path)
+    parent = os.path.dirname(name)
+    os.makedirs(parent or ".", exist_ok=True)
+    tmp = os.path.join(parent, _temp_name(os.path.basename(name), os.getpid()))
     try:
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         os.close(fd)
-        mode = tmp.stat().st_mode & 0o777
-        write(tmp)
-        tmp.chmod(mode)  # some writers (safetensors) recreate the file with their own mode
+        mode = os.stat(tmp).st_mode & 0o777
+        write(tmp if as_str else Path(tmp))
+        os.chmod(tmp, mode)  # some writers (safetensors) recreate the file with their own mode
         from latentgeo.io import publish
 
-        publish(tmp, path, force=force)
+        publish(tmp, name, force=force)
     finally:
         with contextlib.suppress(OSError):
-            tmp.unlink()
-    return path
+            os.unlink(tmp)
+    return name if as_str else Path(path)
 
 
 def save_seed(path: str | os.PathLike, x: torch.Tensor, metadata: Mapping[str, str],
@@ -605,7 +617,7 @@ class Outcome:
     """What one item produced: its output path and metrics (a :func:`run` ``process`` result);
     or, with ``error`` set, why this item failed while the rest of its chunk succeeded."""
 
-    output: Path | None
+    output: str | Path | None
     metrics: dict[str, Any] = field(default_factory=dict)
     #: why this one item failed (nothing was written for it), e.g. a non-finite result
     error: str | None = None
@@ -834,7 +846,7 @@ _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32
               "F64": torch.float64}
 
 
-def _safetensors_row(path: Path, row: int) -> torch.Tensor:
+def _safetensors_row(path: str | Path, row: int) -> torch.Tensor:
     """Row ``row`` of the ``latent`` tensor of a safetensors file, read with one seek and one
     read (the format: 8-byte little-endian header length, JSON header with dtype, shape and
     data offsets, then the row-major data). No memory map: a mapped batch file's pages would
@@ -867,27 +879,28 @@ def load_seed(item: Item) -> torch.Tensor:
     """The seed of a :func:`seed_items` item as float32, read alone (one row of a batch file
     by seek and read, or a memory-mapped .pt row; the file is closed again, so nothing of it
     stays resident). NaN or infinite entries are an InputError naming the source."""
+    # the path stays a string (a Path per item would intern every file name on Python 3.11)
     if item.ref is None:
-        path, row = Path(item.source), None
+        path, row = item.source, None
     else:  # a batch row: source is FILE[ROW], ref the row
-        path, row = Path(item.source[:item.source.rindex("[")]), int(item.ref)
+        path, row = item.source[:item.source.rindex("[")], int(item.ref)
     try:
-        if path.suffix.lower() == ".safetensors":
+        if os.path.splitext(path)[1].lower() == ".safetensors":
             from safetensors import safe_open
 
             if row is None:
-                with safe_open(str(path), framework="pt") as f:
+                with safe_open(path, framework="pt") as f:
                     x = f.get_tensor("latent")
             else:
                 x = _safetensors_row(path, row)
         else:
-            t = _pt_tensor(path)
+            t = _pt_tensor(Path(path))
             x = (t if row is None else t[row]).clone()
             del t
     except LatentgeoError:
         raise
     except Exception as e:
-        _canonical_refusal(path)
+        _canonical_refusal(Path(path))
         raise InputError(f"{item.source}: not a readable seed ({_one_line(e)})") from None
     from latentgeo.io import validate_latent
 

@@ -104,7 +104,7 @@ def _provenance(input_hash: str, options: dict[str, Any], fingerprint: str) -> P
 
 
 def drive(command: str, items: Sequence[Item], out_dir: Path, *,
-          target: Callable[[Item], Path], input_hash: Callable[[Item], str],
+          target: Callable[[Item], str | Path], input_hash: Callable[[Item], str],
           options: dict[str, Any], fingerprint: str, load: Callable[[Item], Any],
           process: Callable[[list[Item], list[Any]], list[Any]], batch_size: int,
           shard: Shard, launch: Launch, force: bool, quiet: bool, label: str,
@@ -192,9 +192,13 @@ def render_job(backend: Any, seed_paths: Sequence[str | Path], out: Path, *, con
     options = {"command": "render", "steps": n_steps, "guidance": g, "condition": condition,
                "dtype": str(backend.dtype).removeprefix("torch.")}
     fingerprint = model_fingerprint(backend)
+    base = str(out)
 
-    def target(it: Item) -> Path:
-        return out / f"{it.key}.png"
+    def target(it: Item) -> str:
+        # str(out / NAME), built without a Path: on Python 3.11 a Path per image would intern
+        # its name, and the churn of the interned-string table costs peak memory in long jobs
+        name = f"{it.key}.png"
+        return name if base == "." else os.path.join(base, name)
 
     def load(it: Item) -> tuple[torch.Tensor, str]:
         x = jobs.load_seed(it)
